@@ -1,0 +1,281 @@
+"Tests of the data loading in exp.nb_05: the idx parser, the real data, and downloads from a local HTTP server."
+import gzip, hashlib, http.server, os, re, socket, struct, threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest, torch
+
+import exp.nb_05 as nb
+from exp.nb_05 import CorruptFileError, DataUnavailableError, dataset_name, get_data, parse_idx, read_idx
+
+IMAGES, LABELS = 'train-images-idx3-ubyte', 'train-labels-idx1-ubyte'
+FILES = (IMAGES, LABELS, 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
+
+def shared_data():
+    "The folder with the real data: `EXP_DATA_DIR` if set, else ../shared/data next to the repo."
+    env = os.environ.get('EXP_DATA_DIR')
+    return (Path(env) if env else Path(__file__).resolve().parents[1].parent/'shared'/'data').resolve()
+
+REAL = shared_data()
+HAS_REAL = all((REAL/ds/f'{f}.gz').is_file() for ds in ('mnist', 'fashion-mnist') for f in FILES)
+needs_real = pytest.mark.skipif(not HAS_REAL, reason=f'real MNIST/Fashion-MNIST not found in {REAL}; set EXP_DATA_DIR')
+
+def idx_bytes(t):
+    "The bytes of an idx file holding the uint8 tensor `t`."
+    return bytes([0, 0, 8, t.dim()]) + struct.pack(f'>{t.dim()}I', *t.shape) + bytes(t.flatten().tolist())
+
+def write_gz(fn, data, level=9):
+    "Write `data` gzip-compressed to `fn`; return `fn`."
+    fn.parent.mkdir(parents=True, exist_ok=True)
+    fn.write_bytes(gzip.compress(data, compresslevel=level))
+    return fn
+
+# A tiny MNIST look-alike: 6 images split 4 / 2, with checksums patched in.
+FAKE_IMAGES = (torch.arange(6*28*28) % 251).to(torch.uint8).reshape(6, 28, 28)
+FAKE_LABELS = torch.tensor([5, 0, 4, 1, 9, 2], dtype=torch.uint8)
+FAKE = {IMAGES: idx_bytes(FAKE_IMAGES), LABELS: idx_bytes(FAKE_LABELS)}
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    "Use the tiny dataset with an empty cache in tmp_path, no EXP_DATA_DIR and no mirrors."
+    monkeypatch.setattr(nb, 'N_TRAIN', 4)
+    monkeypatch.setattr(nb, 'N_VALID', 2)
+    monkeypatch.setitem(nb.SHA256, 'mnist', {f: hashlib.sha256(d).hexdigest() for f, d in FAKE.items()})
+    monkeypatch.setattr(nb, 'MIRRORS', {'mnist': [], 'fashion-mnist': []})
+    monkeypatch.delenv('EXP_DATA_DIR', raising=False)
+    monkeypatch.setenv('EXP_CACHE_DIR', str(tmp_path/'cache'))
+    return tmp_path/'cache'/'mnist'
+
+@pytest.fixture
+def server(tmp_path):
+    "A quiet HTTP server on 127.0.0.1 serving tmp_path/'www', recording the paths requested."
+    root, requests = tmp_path/'www', []
+    root.mkdir()
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs): super().__init__(*args, directory=str(root), **kwargs)
+        def log_message(self, *args): pass
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True).start()
+    def mirror(name, files=FAKE, level=9):
+        "Publish `files` gzipped under /name/ and return that mirror's base URL."
+        for fname, data in files.items(): write_gz(root/name/f'{fname}.gz', data, level)
+        return f'http://127.0.0.1:{httpd.server_port}/{name}/'
+    yield SimpleNamespace(root=root, mirror=mirror, requests=requests, url=f'http://127.0.0.1:{httpd.server_port}/')
+    httpd.shutdown()
+    httpd.server_close()
+
+def closed_port_url():
+    "The URL of a port on 127.0.0.1 that nothing listens on."
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return f'http://127.0.0.1:{s.getsockname()[1]}/'
+
+def use_mirrors(monkeypatch, *urls): monkeypatch.setitem(nb.MIRRORS, 'mnist', list(urls))
+
+# ---- read_idx on small synthetic files
+
+def test_read_idx_good(tmp_path):
+    t = torch.arange(2*3*4, dtype=torch.uint8).reshape(2, 3, 4)
+    (tmp_path/'a-idx3-ubyte').write_bytes(idx_bytes(t))
+    write_gz(tmp_path/'a-idx3-ubyte.gz', idx_bytes(t))
+    for fn in ('a-idx3-ubyte', 'a-idx3-ubyte.gz'):
+        r = read_idx(tmp_path/fn)
+        assert r.dtype == torch.uint8 and r.shape == (2, 3, 4)
+        assert torch.equal(r, t)
+    labels = torch.tensor([7, 0, 255], dtype=torch.uint8)
+    (tmp_path/'l').write_bytes(idx_bytes(labels))
+    assert read_idx(tmp_path/'l').tolist() == [7, 0, 255]
+    assert torch.equal(parse_idx(idx_bytes(t)), t)
+    assert parse_idx(idx_bytes(torch.zeros(0, 28, 28, dtype=torch.uint8))).shape == (0, 28, 28)
+
+def test_read_idx_bad_magic(tmp_path):
+    good = idx_bytes(torch.zeros(2, 2, dtype=torch.uint8))
+    for i, bad in enumerate([b'\x00\x00\x0d' + good[3:], b'\x01' + good[1:], b'\x1f\x8b']):  # float dtype, junk, too short
+        fn = tmp_path/f'bad{i}'
+        fn.write_bytes(bad)
+        with pytest.raises(ValueError, match=re.escape(str(fn)) + '.*magic number'): read_idx(fn)
+
+def test_read_idx_truncated(tmp_path):
+    data = idx_bytes(torch.ones(3, 5, 5, dtype=torch.uint8))
+    fn = tmp_path/'short'
+    fn.write_bytes(data[:-7])
+    with pytest.raises(ValueError, match=re.escape(str(fn)) + r'.*\(3, 5, 5\).*truncated'): read_idx(fn)
+    (tmp_path/'long').write_bytes(data + b'\0')
+    with pytest.raises(ValueError, match='truncated or corrupt'): read_idx(tmp_path/'long')
+    (tmp_path/'header').write_bytes(data[:9])
+    with pytest.raises(ValueError, match='truncated idx header'): read_idx(tmp_path/'header')
+    gz = tmp_path/'short.gz'
+    gz.write_bytes(gzip.compress(data)[:-20])
+    with pytest.raises(ValueError, match=re.escape(str(gz)) + '.*truncated gzip'): read_idx(gz)
+
+def test_dataset_names():
+    assert dataset_name('mnist') == dataset_name('MNIST') == 'mnist'
+    assert dataset_name('fashion_mnist') == dataset_name('fashion-mnist') == 'fashion-mnist'
+    with pytest.raises(ValueError, match="'mnist'.*'fashion_mnist'"): get_data('cifar10')
+
+# ---- the real data (read-only, from EXP_DATA_DIR)
+
+@pytest.fixture(scope='module')
+def real_env():
+    "EXP_DATA_DIR at the real data; no mirrors, so nothing is downloaded by mistake."
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('EXP_DATA_DIR', str(REAL))
+        mp.setattr(nb, 'MIRRORS', {'mnist': [], 'fashion-mnist': []})
+        yield mp
+
+def check_split(data, first_labels):
+    x_train, y_train, x_valid, y_valid = data
+    assert x_train.shape == (50000, 784) and x_valid.shape == (10000, 784)
+    assert y_train.shape == (50000,) and y_valid.shape == (10000,)
+    assert x_train.dtype == x_valid.dtype == torch.float32
+    assert y_train.dtype == y_valid.dtype == torch.int64
+    for x in (x_train, x_valid): assert x.min() == 0 and x.max() == 1
+    assert y_train[:10].tolist() == first_labels
+    assert sorted(y_train.unique().tolist()) == list(range(10))
+
+@needs_real
+def test_real_mnist(real_env):
+    data = get_data()
+    check_split(data, [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
+    x_train, y_train, x_valid, y_valid = data
+    # the validation set is training images 50000:60000, not the t10k test set
+    all_images = read_idx(REAL/'mnist'/f'{IMAGES}.gz')
+    assert torch.equal(x_valid[0], all_images[50000].flatten().float()/255)
+    assert torch.equal(x_train[-1], all_images[49999].flatten().float()/255)
+    assert y_valid[:5].tolist() == read_idx(REAL/'mnist'/f'{LABELS}.gz')[50000:50005].tolist()
+    assert abs(x_train.mean().item() - 0.1304) < 1e-3  # the lesson's train mean
+
+@needs_real
+def test_real_fashion_mnist(real_env):
+    data = get_data('fashion_mnist')
+    check_split(data, [9, 0, 0, 3, 0, 2, 7, 2, 5, 5])
+    mnist_labels = read_idx(REAL/'mnist'/f'{LABELS}.gz')[:50000].long()
+    assert not torch.equal(data[1], mnist_labels)
+
+@needs_real
+def test_real_path_takes_precedence(tmp_path, monkeypatch):
+    bad = write_gz(tmp_path/'mnist'/f'{IMAGES}.gz', b'not mnist')
+    write_gz(tmp_path/'mnist'/f'{LABELS}.gz', b'not mnist')
+    monkeypatch.setenv('EXP_DATA_DIR', str(tmp_path))
+    monkeypatch.setattr(nb, 'MIRRORS', {'mnist': [], 'fashion-mnist': []})
+    with pytest.raises(CorruptFileError, match=re.escape(str(bad))): get_data()
+    for path in (REAL, REAL/'mnist'):  # the parent folder, or the dataset's own folder
+        x_train, y_train, x_valid, y_valid = get_data('mnist', path=path)
+        assert x_train.shape == (50000, 784) and y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+
+# ---- downloads, from a local HTTP server
+
+def test_download_lands_in_cache_and_is_reused(fake, server, monkeypatch, capsys):
+    use_mirrors(monkeypatch, server.mirror('good'))
+    assert nb.download('mnist', LABELS) == FAKE[LABELS]
+    assert server.requests == [f'/good/{LABELS}.gz']
+    assert gzip.decompress((fake/f'{LABELS}.gz').read_bytes()) == FAKE[LABELS]
+    assert f'Downloading {LABELS}.gz from {server.url}good/' in capsys.readouterr().out
+    assert nb.load_file('mnist', LABELS) == FAKE[LABELS]
+    assert len(server.requests) == 1
+    assert sorted(p.name for p in fake.iterdir()) == [f'{LABELS}.gz']
+
+def test_get_data_end_to_end(fake, server, monkeypatch):
+    use_mirrors(monkeypatch, server.mirror('good'))
+    x_train, y_train, x_valid, y_valid = get_data()
+    assert x_train.shape == (4, 784) and x_valid.shape == (2, 784)
+    assert x_train.dtype == torch.float32 and y_train.dtype == torch.int64
+    assert torch.equal(x_train[1], FAKE_IMAGES[1].flatten().float()/255)
+    assert torch.equal(x_valid[0], FAKE_IMAGES[4].flatten().float()/255)
+    assert y_train.tolist() == [5, 0, 4, 1] and y_valid.tolist() == [9, 2]
+    assert len(server.requests) == 2
+    again = get_data()  # from the cache
+    assert len(server.requests) == 2
+    assert all(torch.equal(a, b) for a, b in zip(again, (x_train, y_train, x_valid, y_valid)))
+
+def test_corrupt_mirror_falls_through(fake, server, monkeypatch, capsys):
+    bad = server.mirror('bad', {LABELS: FAKE[LABELS][:-1] + b'\x07'})
+    use_mirrors(monkeypatch, bad, server.mirror('good'))
+    assert nb.download('mnist', LABELS) == FAKE[LABELS]
+    assert server.requests == [f'/bad/{LABELS}.gz', f'/good/{LABELS}.gz']
+    out = capsys.readouterr().out
+    assert f'{bad}{LABELS}.gz: checksum mismatch' in out
+    assert [p.name for p in fake.iterdir()] == [f'{LABELS}.gz']  # no temporary files left
+
+def test_truncated_gzip_falls_through(fake, server, monkeypatch, capsys):
+    trunc = server.mirror('trunc')
+    www = server.root/'trunc'/f'{LABELS}.gz'
+    www.write_bytes(www.read_bytes()[:-30])
+    use_mirrors(monkeypatch, trunc, server.mirror('good'))
+    assert nb.download('mnist', LABELS) == FAKE[LABELS]
+    assert f'{trunc}{LABELS}.gz: truncated gzip' in capsys.readouterr().out
+    assert [p.name for p in fake.iterdir()] == [f'{LABELS}.gz']
+
+def test_dead_mirrors_fall_through(fake, server, monkeypatch):
+    use_mirrors(monkeypatch, closed_port_url(), server.url + 'missing/', server.mirror('good'))
+    assert nb.download('mnist', IMAGES) == FAKE[IMAGES]
+    assert server.requests == [f'/missing/{IMAGES}.gz', f'/good/{IMAGES}.gz']
+
+def test_hanging_mirror_times_out(fake, server, monkeypatch):
+    with socket.socket() as hang:  # accepts connections (backlog) but never answers
+        hang.bind(('127.0.0.1', 0))
+        hang.listen(1)
+        monkeypatch.setattr(nb, 'DOWNLOAD_TIMEOUT', 0.5)
+        use_mirrors(monkeypatch, f'http://127.0.0.1:{hang.getsockname()[1]}/', server.mirror('good'))
+        assert nb.download('mnist', LABELS) == FAKE[LABELS]
+
+def test_corrupt_cache_is_reported_and_fetched_again(fake, server, monkeypatch):
+    use_mirrors(monkeypatch, server.mirror('good'))
+    cached = write_gz(fake/f'{LABELS}.gz', b'garbage')
+    with pytest.warns(UserWarning, match=re.escape(str(cached)) + '.*checksum mismatch'):
+        assert nb.load_file('mnist', LABELS) == FAKE[LABELS]
+    assert server.requests == [f'/good/{LABELS}.gz']
+    assert gzip.decompress(cached.read_bytes()) == FAKE[LABELS]
+    cached.write_bytes(cached.read_bytes()[:-10])
+    with pytest.warns(UserWarning, match=re.escape(str(cached)) + '.*truncated gzip'):
+        assert nb.load_file('mnist', LABELS) == FAKE[LABELS]
+    assert len(server.requests) == 2
+    cached.write_bytes(b'junk')
+    use_mirrors(monkeypatch, server.url + 'missing/')
+    with pytest.warns(UserWarning, match='deleting it'), pytest.raises(DataUnavailableError):
+        nb.load_file('mnist', LABELS)
+    assert not cached.exists()
+
+def test_all_mirrors_dead_is_one_clear_error(fake, server, monkeypatch, tmp_path):
+    dead, missing = closed_port_url(), server.url + 'missing/'
+    use_mirrors(monkeypatch, dead, missing)
+    monkeypatch.setenv('EXP_DATA_DIR', str(tmp_path/'nothing-here'))
+    with pytest.raises(DataUnavailableError) as e: get_data()
+    msg = str(e.value)
+    assert isinstance(e.value, RuntimeError)
+    assert 'EXP_DATA_DIR' in msg and str(tmp_path/'nothing-here') in msg
+    assert str(fake) in msg
+    assert f'{dead}{IMAGES}.gz: ' in msg and f'{missing}{IMAGES}.gz: HTTP Error 404' in msg
+    assert not fake.exists() or not any(fake.iterdir())
+
+def test_any_gzip_level_is_accepted(fake, server, monkeypatch):
+    fast, small = server.mirror('fast', level=1), server.mirror('small', level=9)
+    root = server.root
+    assert (root/'fast'/f'{IMAGES}.gz').read_bytes() != (root/'small'/f'{IMAGES}.gz').read_bytes()
+    use_mirrors(monkeypatch, fast)
+    assert nb.download('mnist', IMAGES) == FAKE[IMAGES]
+    assert (fake/f'{IMAGES}.gz').read_bytes() == (root/'fast'/f'{IMAGES}.gz').read_bytes()
+    (fake/f'{IMAGES}.gz').unlink()
+    use_mirrors(monkeypatch, small)
+    assert nb.download('mnist', IMAGES) == FAKE[IMAGES]
+
+def test_corrupt_user_data_is_left_alone(fake, server, monkeypatch, tmp_path):
+    use_mirrors(monkeypatch, server.mirror('good'))
+    write_gz(tmp_path/'data'/'mnist'/f'{IMAGES}.gz', FAKE[IMAGES])
+    bad = write_gz(tmp_path/'data'/'mnist'/f'{LABELS}.gz', FAKE[LABELS][:-1])
+    before = bad.read_bytes()
+    monkeypatch.setenv('EXP_DATA_DIR', str(tmp_path/'data'))
+    with pytest.raises(CorruptFileError, match=re.escape(str(bad)) + '.*checksum mismatch.*unset EXP_DATA_DIR'):
+        get_data()
+    with pytest.raises(CorruptFileError, match=re.escape(str(bad)) + '.*another path'):
+        get_data(path=tmp_path/'data')
+    assert bad.read_bytes() == before
+    assert server.requests == [] and not fake.exists()
+    x_train, *_ = get_data(path=server.root/'good')  # path= beats EXP_DATA_DIR
+    assert x_train.shape == (4, 784)
+
+def test_missing_path_is_an_error(fake, tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path/'nope'))): get_data(path=tmp_path/'nope')

@@ -1,0 +1,350 @@
+"""Behaviour of every name exported by nb_05: the training loop lesson 10 starts from."""
+import math
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn, optim, tensor
+
+from exp.nb_05 import (AvgStats, AvgStatsCallback, Callback, DataBunch, DataLoader, Dataset, Learner,
+                       ParamScheduler, Recorder, Runner, Sampler, TrainEvalCallback, accuracy, annealer,
+                       camel2snake, collate, combine_scheds, cos_1cycle_anneal, get_dls, get_model, listify,
+                       normalize, quick_mode, quick_subset, sched_cos, sched_exp, sched_lin, sched_no, test,
+                       test_eq, test_near, test_near_zero)
+
+
+def toy_data(n_train=10, n_valid=7, n_in=4, c=3, seed=0):
+    "A tiny classification problem with an uneven number of items."
+    g = torch.Generator().manual_seed(seed)
+    x_train, x_valid = torch.randn(n_train, n_in, generator=g), torch.randn(n_valid, n_in, generator=g)
+    y_train, y_valid = torch.randint(0, c, (n_train,), generator=g), torch.randint(0, c, (n_valid,), generator=g)
+    return Dataset(x_train, y_train), Dataset(x_valid, y_valid)
+
+
+def toy_bunch(bs=4, **kw):
+    train_ds, valid_ds = toy_data(**kw)
+    return DataBunch(*get_dls(train_ds, valid_ds, bs), c=3)
+
+
+class EventLog(Callback):
+    "Records every event it sees, with whether the runner is training."
+    events = ['begin_fit', 'begin_epoch', 'begin_batch', 'after_pred', 'after_loss', 'after_backward',
+              'after_step', 'after_batch', 'begin_validate', 'after_epoch', 'after_fit']
+    def __init__(self): self.log = []
+    def __getattr__(self, k):
+        if k in EventLog.events: return lambda: self.log.append(k)
+        return super().__getattr__(k)
+
+
+# --- test helpers -------------------------------------------------------------------------------
+
+def test_test_helpers_pass_and_fail():
+    test_eq(tensor([1, 2]), tensor([1, 2]))
+    test_eq('a', 'a')
+    with pytest.raises(AssertionError): test_eq(tensor([1, 2]), tensor([1, 3]))
+    with pytest.raises(AssertionError): test_eq(tensor([1, 2]), tensor([1, 2, 3]))
+    test_near(tensor([1.0, 2.0]), tensor([1.0001, 2.0]))
+    with pytest.raises(AssertionError): test_near(tensor(1.0), tensor(1.1))
+    test_near_zero(tensor([1e-4, -1e-4]))
+    with pytest.raises(AssertionError): test_near_zero(tensor([0.0, 0.1]))
+    with pytest.raises(AssertionError, match='lt'): test(2, 1, lambda a, b: a < b, 'lt')
+
+
+def test_normalize_and_accuracy():
+    x = tensor([1., 3., 5.])
+    test_eq(normalize(x, 3., 2.), tensor([-1., 0., 1.]))
+    out = tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    test_near(accuracy(out, tensor([1, 0, 0, 0])), 0.75)
+
+
+def test_quick_mode_and_subset(monkeypatch):
+    data = [torch.arange(10), torch.arange(10), torch.arange(5), torch.arange(5)]
+    monkeypatch.setenv('EXP_QUICK', '0')
+    assert not quick_mode()
+    assert [len(t) for t in quick_subset(*data, n_train=3, n_valid=2)] == [10, 10, 5, 5]
+    monkeypatch.setenv('EXP_QUICK', '1')
+    assert quick_mode()
+    assert [len(t) for t in quick_subset(*data, n_train=3, n_valid=2)] == [3, 3, 2, 2]
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def test_dataset_indexing_and_length_check():
+    ds = Dataset(torch.arange(10).float(), torch.arange(10) * 2)
+    assert len(ds) == 10
+    x, y = ds[tensor([1, 3])]
+    test_eq(x, tensor([1., 3.])); test_eq(y, tensor([2, 6]))
+    with pytest.raises(ValueError, match='x has 3 items but y has 2'): Dataset(torch.zeros(3), torch.zeros(2))
+
+
+def test_sampler_covers_everything_once():
+    ds = Dataset(torch.arange(10), torch.arange(10))
+    batches = [torch.arange(10)[i] for i in Sampler(ds, 4)]
+    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert len(Sampler(ds, 4)) == 3
+    torch.manual_seed(0)
+    shuffled = torch.cat(list(Sampler(ds, 3, shuffle=True)))
+    assert sorted(shuffled.tolist()) == list(range(10))
+    assert shuffled.tolist() != list(range(10))
+    with pytest.raises(ValueError, match='batch size'): Sampler(ds, 0)
+
+
+def test_collate_stacks_items():
+    xs, ys = collate([(tensor([1., 2.]), tensor(0)), (tensor([3., 4.]), tensor(1))])
+    test_eq(xs, tensor([[1., 2.], [3., 4.]])); test_eq(ys, tensor([0, 1]))
+
+
+def test_dataloader_batch_read_equals_item_by_item():
+    class ItemByItem(Dataset):
+        batch_indexable = False
+        calls = 0
+        def __getitem__(self, i):
+            ItemByItem.calls += 1
+            return super().__getitem__(i)
+    x, y = torch.randn(10, 3), torch.arange(10)
+    fast, slow = Dataset(x, y), ItemByItem(x, y)
+    for shuffle in (False, True):
+        torch.manual_seed(1); a = list(DataLoader(fast, Sampler(fast, 4, shuffle)))
+        torch.manual_seed(1); b = list(DataLoader(slow, Sampler(slow, 4, shuffle)))
+        assert len(a) == len(b) == 3
+        for (xa, ya), (xb, yb) in zip(a, b): test_eq(xa, xb); test_eq(ya, yb)
+    assert ItemByItem.calls == 20
+
+
+def test_dataloader_reads_each_batch_with_one_index_operation():
+    class CountingDataset(Dataset):
+        reads = 0
+        def __getitem__(self, i):
+            CountingDataset.reads += 1
+            return super().__getitem__(i)
+    ds = CountingDataset(torch.randn(100, 3), torch.arange(100))
+    dl = DataLoader(ds, Sampler(ds, 32, shuffle=True))
+    assert len(dl) == 4 and len(list(dl)) == 4
+    assert CountingDataset.reads == 4
+
+
+def test_get_dls_and_databunch():
+    train_ds, valid_ds = toy_data(n_train=10, n_valid=7)
+    train_dl, valid_dl = get_dls(train_ds, valid_ds, 4)
+    assert train_dl.sampler.shuffle and not valid_dl.sampler.shuffle
+    assert [len(xb) for xb, _ in train_dl] == [4, 4, 2]
+    assert [len(xb) for xb, _ in valid_dl] == [7]  # batch 8: twice the training batch
+    data = DataBunch(train_dl, valid_dl, c=3)
+    assert data.train_ds is train_ds and data.valid_ds is valid_ds and data.c == 3
+
+
+def test_get_model_and_learner():
+    data = toy_bunch()
+    model, opt = get_model(data, lr=0.3, nh=5)
+    assert [type(l) for l in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert (model[0].in_features, model[0].out_features, model[2].out_features) == (4, 5, 3)
+    assert isinstance(opt, optim.SGD) and opt.param_groups[0]['lr'] == 0.3
+    learn = Learner(model, opt, F.cross_entropy, data)
+    assert (learn.model, learn.opt, learn.loss_func, learn.data) == (model, opt, F.cross_entropy, data)
+
+
+# --- callbacks and the runner --------------------------------------------------------------------
+
+def test_camel2snake_and_listify():
+    assert camel2snake('AvgStatsCallback') == 'avg_stats_callback'
+    assert camel2snake('TrainEvalCallback') == 'train_eval_callback'
+    assert listify(None) == [] and listify([1]) == [1] and listify('ab') == ['ab']
+    assert listify((1, 2)) == [1, 2] and listify(5) == [5] and listify(range(2)) == [0, 1]
+
+
+def test_callback_name_and_fallthrough():
+    class AvgStatsCallback2(Callback): pass
+    class Recorder2(Callback): pass
+    assert Recorder2().name == 'recorder2'
+    assert TrainEvalCallback().name == 'train_eval'
+    assert Callback().name == 'callback'
+    cb = Recorder2()
+    with pytest.raises(AttributeError, match='not attached'): cb.model
+    class Fake: model = 'the model'
+    cb.set_runner(Fake())
+    assert cb.model == 'the model'
+
+
+def test_runner_event_sequence_and_counters():
+    data = toy_bunch(bs=4)  # 3 training batches (4, 4, 2), 1 validation batch (7)
+    log = EventLog()
+    run = Runner(cbs=log)
+    run.fit(2, Learner(*get_model(data), F.cross_entropy, data))
+    train_batch = ['begin_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step', 'after_batch']
+    valid_batch = ['begin_batch', 'after_pred', 'after_loss', 'after_batch']
+    epoch = ['begin_epoch'] + train_batch * 3 + ['begin_validate'] + valid_batch + ['after_epoch']
+    assert log.log == ['begin_fit'] + epoch * 2 + ['after_fit']
+    assert run.n_iter == 6 and run.n_epochs == pytest.approx(2.0)
+    assert run.event_log is log
+
+
+def test_runner_orders_callbacks_and_names_them():
+    calls = []
+    class First(Callback):
+        _order = -1
+        def begin_fit(self): calls.append('first')
+    class Last(Callback):
+        _order = 5
+        def begin_fit(self): calls.append('last')
+    data = toy_bunch()
+    run = Runner(cbs=[Last()], cb_funcs=[First])
+    run.fit(1, Learner(*get_model(data), F.cross_entropy, data))
+    assert calls == ['first', 'last']
+    assert isinstance(run.first, First) and isinstance(run.last, Last)
+
+
+def test_returning_true_from_begin_fit_skips_training_but_runs_after_fit():
+    class Refuse(Callback):
+        def begin_fit(self): return True
+    data = toy_bunch()
+    log = EventLog()
+    run = Runner(cbs=[Refuse(), log])
+    run.fit(1, Learner(*get_model(data), F.cross_entropy, data))
+    assert log.log == ['begin_fit', 'after_fit'] and run.n_iter == 0
+
+
+def test_run_stop_ends_the_epoch():
+    class StopAt2(Callback):
+        def after_batch(self):
+            if self.in_train and self.n_iter == 2: self.run.stop = True
+    data = toy_bunch(bs=2)  # 5 training batches
+    run = Runner(cb_funcs=StopAt2)
+    run.fit(2, Learner(*get_model(data), F.cross_entropy, data))
+    assert run.n_iter == 2 + 5  # the first epoch stopped after 2 steps, the second ran in full
+
+
+def test_train_eval_callback_switches_modes():
+    seen = []
+    class Watch(Callback):
+        _order = 1
+        def begin_batch(self): seen.append((self.in_train, self.model.training))
+    data = toy_bunch(bs=4)
+    run = Runner(cb_funcs=Watch)
+    run.fit(1, Learner(*get_model(data), F.cross_entropy, data))
+    assert seen == [(True, True)] * 3 + [(False, False)]
+
+
+def test_training_reduces_loss():
+    torch.manual_seed(0)
+    x = torch.randn(200, 2)
+    y = (x[:, 0] > 0).long()
+    data = DataBunch(*get_dls(Dataset(x, y), Dataset(x, y), 20), c=2)
+    run = Runner(cb_funcs=partial(AvgStatsCallback, accuracy))
+    run.fit(5, Learner(*get_model(data, lr=0.5, nh=8), F.cross_entropy, data))
+    assert run.avg_stats.valid_stats.avg_stats[1] > 0.95
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+def test_avg_stats_weighted_by_batch_size_with_uneven_batches():
+    data = toy_bunch(bs=4, n_train=10, n_valid=7)
+    torch.manual_seed(0)
+    model, opt = get_model(data, lr=0.0)  # lr 0: the model does not change, so we can recompute
+    run = Runner(cb_funcs=partial(AvgStatsCallback, accuracy))
+    run.fit(1, Learner(model, opt, F.cross_entropy, data))
+    ds = data.train_ds
+    with torch.no_grad():
+        pred = model(ds.x)
+        loss, acc = F.cross_entropy(pred, ds.y).item(), accuracy(pred, ds.y).item()
+    train = run.avg_stats.train_stats
+    assert train.count == 10
+    assert train.avg_stats[0] == pytest.approx(loss, rel=1e-5)
+    assert train.avg_stats[1] == pytest.approx(acc, rel=1e-5)
+    valid = run.avg_stats.valid_stats
+    vds = data.valid_ds
+    assert valid.count == 7
+    assert valid.avg_stats[1] == pytest.approx(accuracy(model(vds.x), vds.y).item(), rel=1e-5)
+
+
+def test_avg_stats_uneven_batches_differ_from_mean_of_means():
+    class B: pass
+    stats = AvgStats([accuracy], in_train=False); stats.reset()
+    # batch of 3, all right; batch of 1, wrong: item-weighted accuracy is 3/4, mean of means 1/2
+    for pred, y in [(tensor([[1., 0.]] * 3), tensor([0, 0, 0])), (tensor([[1., 0.]]), tensor([1]))]:
+        b = B(); b.xb, b.yb, b.pred = pred, y, pred; b.loss = F.cross_entropy(pred, y)
+        stats.accumulate(b)
+    assert stats.count == 4
+    assert stats.avg_stats[1] == pytest.approx(0.75)
+    assert 'valid' in repr(stats)
+    empty = AvgStats([accuracy], True); empty.reset()
+    assert all(math.isnan(v) for v in empty.avg_stats)
+
+
+def test_avg_stats_callback_prints_each_epoch(capsys):
+    data = toy_bunch()
+    run = Runner(cb_funcs=partial(AvgStatsCallback, [accuracy]))
+    run.fit(2, Learner(*get_model(data), F.cross_entropy, data))
+    out = capsys.readouterr().out.splitlines()
+    assert [l.split(':')[0] for l in out] == ['train', 'valid', 'train', 'valid']
+
+
+# --- schedules -----------------------------------------------------------------------------------
+
+def test_annealers():
+    assert sched_lin(1, 3)(0.5) == pytest.approx(2)
+    assert sched_cos(1, 3)(0.) == pytest.approx(1) and sched_cos(1, 3)(1.) == pytest.approx(3)
+    assert sched_cos(1, 3)(0.5) == pytest.approx(2)
+    assert sched_no(1, 3)(0.7) == 1
+    assert sched_exp(1, 100)(0.5) == pytest.approx(10)
+    @annealer
+    def sched_sq(start, end, pos): return start + pos ** 2 * (end - start)
+    assert sched_sq(0, 4)(0.5) == pytest.approx(1)
+    up, down = cos_1cycle_anneal(0.1, 1.0, 0.01)
+    assert up(0) == pytest.approx(0.1) and up(1) == pytest.approx(1.0) and down(1) == pytest.approx(0.01)
+
+
+def test_combine_scheds_values_and_edges():
+    sched = combine_scheds([0.3, 0.7], [sched_lin(0, 1), sched_lin(1, 0)])
+    assert sched(0.) == pytest.approx(0)
+    assert sched(0.15) == pytest.approx(0.5)
+    assert sched(0.3) == pytest.approx(1)
+    assert sched(0.65) == pytest.approx(0.5)
+    assert sched(1.) == pytest.approx(0)  # the lesson's version indexed past the end here
+
+
+@pytest.mark.parametrize('pcts,n,msg', [([0.3, 0.6], 2, 'sum to 1'), ([0.5, 0.5], 3, '2 percentages but 3'),
+                                        ([1.2, -0.2], 2, 'positive')])
+def test_combine_scheds_rejects_bad_percentages(pcts, n, msg):
+    with pytest.raises(ValueError, match=msg): combine_scheds(pcts, [sched_no(1, 1)] * n)
+
+
+# --- recorder and param scheduler ----------------------------------------------------------------
+
+def test_recorder_and_param_scheduler_follow_the_schedule():
+    data = toy_bunch(bs=2)  # 5 training steps per epoch
+    sched = sched_lin(1.0, 0.0)
+    run = Runner(cb_funcs=[Recorder, partial(ParamScheduler, 'lr', sched)])
+    run.fit(2, Learner(*get_model(data), F.cross_entropy, data))
+    expected = [sched(i / 10) for i in range(10)]
+    assert run.recorder.lrs[0] == pytest.approx(expected)
+    assert len(run.recorder.losses) == 10
+    assert run.recorder.loss_values().shape == (10,)
+
+
+def test_param_scheduler_one_schedule_per_group_and_mismatch():
+    data = toy_bunch(bs=5)
+    model, _ = get_model(data)
+    opt = optim.SGD([{'params': model[0].parameters()}, {'params': model[2].parameters()}], lr=0.1)
+    run = Runner(cb_funcs=[Recorder, partial(ParamScheduler, 'lr', [sched_no(0.01, 0), sched_no(0.2, 0)])])
+    run.fit(1, Learner(model, opt, F.cross_entropy, data))
+    assert run.recorder.lrs == [[0.01, 0.01], [0.2, 0.2]]
+    bad = Runner(cb_funcs=partial(ParamScheduler, 'lr', [sched_no(0.1, 0)] * 3))
+    with pytest.raises(ValueError, match='3 schedules for 2 parameter groups'):
+        bad.fit(1, Learner(model, opt, F.cross_entropy, data))
+
+
+def test_recorder_plots(monkeypatch):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    data = toy_bunch(bs=2)
+    run = Runner(cb_funcs=[Recorder, partial(ParamScheduler, 'lr', sched_exp(1e-3, 1.0))])
+    run.fit(1, Learner(*get_model(data), F.cross_entropy, data))
+    plt.figure(); run.recorder.plot_lr()
+    assert list(plt.gca().lines[0].get_ydata()) == run.recorder.lrs[-1]
+    plt.figure(); run.recorder.plot_loss(skip_last=1)
+    assert len(plt.gca().lines[0].get_ydata()) == 4
+    plt.figure(); run.recorder.plot(skip_last=2)
+    assert plt.gca().get_xscale() == 'log' and len(plt.gca().lines[0].get_xdata()) == 3
+    plt.close('all')
