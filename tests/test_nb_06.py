@@ -1,0 +1,285 @@
+"""Behaviour of nb_06: device and batch-transform callbacks, the CNN, hooks and telemetry, init, GeneralRelu."""
+import gc
+import math
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exp.nb_06 import (ActivationStatsCallback, AvgStatsCallback, BatchTransformXCallback, CancelTrainException,
+                       Callback, CudaCallback, DataBunch, Dataset, DeviceCallback, GeneralRelu, Hook, Hooks,
+                       Lambda, ListContainer, Recorder, StopOnNanCallback, accuracy, append_stats, children,
+                       conv2d, conv_layer, default_device, flatten, get_cnn_layers, get_cnn_model, get_dls,
+                       get_hist, get_learn_run, get_min, get_runner, hook_stats, init_cnn, mnist_resize,
+                       mnist_view, normalize_to, view_tfm)
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU; this machine has none')
+NFS = [4, 8]
+
+
+def image_bunch(n_train=40, n_valid=20, bs=8, seed=0):
+    "MNIST-shaped random data: vectors of 784 values, 10 classes."
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_valid, 784, generator=g)
+    y = torch.randint(0, 10, (n_train + n_valid,), generator=g)
+    return DataBunch(*get_dls(Dataset(x[:n_train], y[:n_train]), Dataset(x[n_train:], y[n_train:]), bs), c=10)
+
+
+def forward_hook_count(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+# --- small pieces --------------------------------------------------------------------------------
+
+def test_normalize_to_uses_training_statistics():
+    train, valid = torch.tensor([1., 2., 3., 4.]), torch.tensor([2.5, 6.5])
+    tn, vn = normalize_to(train, valid)
+    assert tn.mean().abs() < 1e-6 and torch.isclose(tn.std(), torch.tensor(1.))
+    m, s = train.mean(), train.std()
+    assert torch.allclose(vn, (valid - m) / s)
+
+
+def test_lambda_flatten_resize_and_view_tfm():
+    x = torch.arange(2 * 784.).view(2, 784)
+    assert mnist_resize(x).shape == (2, 1, 28, 28)
+    assert torch.equal(mnist_view(x), mnist_resize(x))
+    assert flatten(torch.zeros(3, 2, 5, 5)).shape == (3, 50)
+    assert Lambda(flatten)(torch.zeros(3, 2, 2)).shape == (3, 4)
+    assert view_tfm(2, 2)(torch.zeros(3, 8)).shape == (6, 2, 2)
+
+
+def test_cnn_model_shapes():
+    data = image_bunch()
+    layers = get_cnn_layers(data, [8, 16, 32, 32], conv2d)
+    convs = [l[0] for l in layers[:4]]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == [
+        (1, 8, 5, 2), (8, 16, 3, 2), (16, 32, 3, 2), (32, 32, 3, 2)]
+    model = get_cnn_model(data, [8, 16, 32, 32], conv_layer, leak=0.1)
+    assert isinstance(model[0][1], GeneralRelu) and model[0][1].leak == 0.1
+    assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+
+
+# --- GeneralRelu ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('leak,sub,maxv', [(None, None, None), (0.1, None, None), (None, 0.4, None),
+                                           (None, None, 6.), (0.1, 0.4, 6.), (0.2, 0.5, None)])
+def test_general_relu_equals_its_definition(leak, sub, maxv):
+    x = torch.randn(1000) * 5
+    expected = F.leaky_relu(x, leak) if leak is not None else F.relu(x)
+    if sub is not None: expected = expected - sub
+    if maxv is not None: expected = expected.clamp(max=maxv)
+    assert torch.equal(GeneralRelu(leak, sub, maxv)(x), expected)
+
+
+def test_general_relu_keeps_its_input_and_backpropagates():
+    x = torch.randn(100, requires_grad=True)
+    y = x * 2  # a non-leaf tensor autograd needs for the backward of the product
+    before = y.detach().clone()
+    out = GeneralRelu(leak=0.1, sub=0.4, maxv=1.)(y)
+    assert torch.equal(y.detach(), before)
+    out.sum().backward()
+    slope = torch.where(y.detach() > 0, 1., 0.1) * (out.detach() < 1.)
+    assert torch.allclose(x.grad, 2 * slope)
+
+
+# --- init ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('uniform', [False, True])
+def test_init_cnn_gives_kaiming_std_and_zero_bias(uniform):
+    data = image_bunch()
+    torch.manual_seed(0)
+    model = get_cnn_model(data, [32, 64, 64], conv_layer)
+    init_cnn(model, uniform=uniform)
+    for l in model[:3]:
+        conv = l[0]
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        expected = math.sqrt(2 / (1 + 0.1 ** 2)) / math.sqrt(fan_in)
+        assert conv.weight.std().item() == pytest.approx(expected, rel=0.1)
+        assert torch.count_nonzero(conv.bias) == 0
+
+
+# --- hooks ---------------------------------------------------------------------------------------
+
+def test_append_stats_values_on_a_known_input():
+    lin = nn.Identity()
+    h = Hook(lin, append_stats)
+    x = torch.tensor([[-1., 0.5, 2., 9.5, 20.]])
+    lin(x)
+    means, stds, hists = hook_stats(h)
+    assert torch.allclose(means, x.mean().view(1)) and torch.allclose(stds, x.std().view(1))
+    assert torch.equal(hists[0], x.histc(40, 0, 10))
+    assert hists[0].sum() == 3  # -1 and 20 are outside [0, 10]
+    lin.eval(); lin(x)  # not recorded outside training
+    assert len(h.stats[0]) == 1
+    h.remove()
+    wide = Hook(lin.train(), partial(append_stats, hist_range=(-7, 7), bins=14))
+    lin(x)
+    assert torch.equal(wide.stats[2][0], x.histc(14, -7, 7))
+
+
+def test_get_hist_and_get_min_on_a_known_histogram():
+    class H: pass
+    h = H()
+    h.stats = ([], [], [torch.tensor([2., 2., 4., 2.]), torch.tensor([0., 1., 1., 2.])])
+    hist = get_hist(h)
+    assert hist.shape == (4, 2)
+    assert torch.allclose(hist[:, 0], torch.tensor([2., 2., 4., 2.]).log1p())
+    assert torch.allclose(get_min(h), torch.tensor([0.4, 0.25]))
+    assert torch.allclose(get_min(h, slice(2, 4)), torch.tensor([0.6, 0.75]))
+
+
+def test_hooks_are_removed_after_with_block_and_after_exception():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    with Hooks(model, append_stats) as hooks:
+        assert forward_hook_count(model) == 3
+        model(torch.randn(4, 3))
+        assert all(len(h.stats[0]) == 1 for h in hooks)
+    assert forward_hook_count(model) == 0
+    with pytest.raises(ZeroDivisionError):
+        with Hooks(model, append_stats):
+            assert forward_hook_count(model) == 3
+            1 / 0
+    assert forward_hook_count(model) == 0
+
+
+def test_hooks_delitem_and_del_remove_hooks():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    hooks = Hooks(model, append_stats)
+    del hooks[0]
+    assert len(model[0]._forward_hooks) == 0 and len(model[2]._forward_hooks) == 1 and len(hooks) == 2
+    del hooks
+    gc.collect()
+    assert forward_hook_count(model) == 0
+
+
+def test_list_container_indexing():
+    lc = ListContainer(list('abcdef'))
+    assert lc[1] == 'b' and lc[1:3] == ['b', 'c'] and lc[[0, 5]] == ['a', 'f']
+    assert lc[[True, False, True, False, False, True]] == ['a', 'c', 'f']
+    assert lc[torch.tensor([True, False, True, False, False, True])] == ['a', 'c', 'f']
+    assert lc[torch.tensor([2, 3])] == ['c', 'd']
+    assert len(lc) == 6 and list(lc) == list('abcdef')
+    lc[0] = 'z'; del lc[1]
+    assert list(lc) == list('zcdef')
+    with pytest.raises(IndexError, match='boolean mask of length 2 for a ListContainer of 5 items'): lc[[True, False]]
+    assert repr(ListContainer(range(3))) == 'ListContainer (3 items)\n[0, 1, 2]'
+    assert repr(ListContainer(range(20))).endswith('...]')
+
+
+def test_children():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 2)))
+    assert children(model) == [model[0], model[1]]
+
+
+# --- runners and callbacks -----------------------------------------------------------------------
+
+def cbfs(): return [Recorder, partial(AvgStatsCallback, accuracy), DeviceCallback, partial(BatchTransformXCallback, mnist_view)]
+
+
+def test_get_runner_includes_nan_guard_and_accepts_instances():
+    data = image_bunch()
+    model = get_cnn_model(data, NFS, conv2d)
+    rec = Recorder()
+    learn, run = get_runner(model, data, lr=0.3, cbs=[rec, partial(AvgStatsCallback, accuracy)])
+    assert run.recorder is rec and isinstance(run.stop_on_nan, StopOnNanCallback)
+    assert learn.opt.param_groups[0]['lr'] == 0.3 and learn.loss_func is F.cross_entropy
+    _, run = get_runner(model, data, stop_on_nan=False)
+    assert not any(isinstance(cb, StopOnNanCallback) for cb in run.cbs)
+
+
+def test_get_learn_run_trains_a_cnn():
+    torch.manual_seed(0)
+    x = torch.zeros(200, 784); y = torch.arange(200) % 2
+    x[y == 1, :392] = 1.  # class 1: the top half of the image is bright
+    data = DataBunch(*get_dls(Dataset(x[:160], y[:160]), Dataset(x[160:], y[160:]), 16), c=2)
+    learn, run = get_learn_run(NFS, data, 0.3, conv_layer, cbs=cbfs(), leak=0.1, sub=0.4, maxv=6.)
+    run.fit(3, learn)
+    assert run.avg_stats.valid_stats.avg_stats[1] == 1.0
+
+
+def test_device_callback_moves_model_and_batches_to_the_cpu():
+    data = image_bunch()
+    seen = []
+    class Watch(Callback):
+        _order = 3
+        def begin_batch(self): seen.append((self.xb.device, self.yb.device, self.xb.shape[1:]))
+    model = get_cnn_model(data, NFS, conv2d)
+    learn, run = get_runner(model, data, cbs=[partial(DeviceCallback, 'cpu'), partial(BatchTransformXCallback, mnist_view), Watch])
+    run.fit(1, learn)
+    assert isinstance(run.device, DeviceCallback) and run.device.device == torch.device('cpu')
+    assert all(d1.type == 'cpu' and d2.type == 'cpu' and s == (1, 28, 28) for d1, d2, s in seen) and len(seen) == 5 + 2
+    assert DeviceCallback().device == default_device()
+
+
+def test_cuda_callback_without_gpu_gives_a_clear_error():
+    if torch.cuda.is_available(): pytest.skip('this machine has a GPU')
+    with pytest.raises(RuntimeError, match='no CUDA device.*DeviceCallback'): CudaCallback()
+
+
+@cuda_only
+def test_device_callback_moves_model_and_batches_to_cuda():
+    data = image_bunch()
+    seen = []
+    class Watch(Callback):
+        _order = 3
+        def begin_batch(self): seen.append(self.xb.device.type)
+    model = get_cnn_model(data, NFS, conv2d)
+    learn, run = get_runner(model, data, cbs=[CudaCallback, partial(BatchTransformXCallback, mnist_view), Watch])
+    run.fit(1, learn)
+    assert next(model.parameters()).device.type == 'cuda' and set(seen) == {'cuda'}
+
+
+# --- telemetry callback --------------------------------------------------------------------------
+
+def test_activation_stats_callback_records_and_leaves_no_hooks():
+    data = image_bunch(n_train=40, bs=8)  # 5 training steps per epoch
+    model = get_cnn_model(data, NFS, conv_layer)
+    learn, run = get_runner(model, data, cbs=cbfs() + [ActivationStatsCallback])
+    run.fit(2, learn)
+    hooks = run.activation_stats.hooks
+    assert len(hooks) == len(children(model))
+    assert all(len(h.stats[0]) == 10 and len(h.stats[2]) == 10 for h in hooks)
+    assert forward_hook_count(model) == 0
+
+
+def test_twenty_fits_with_telemetry_leave_no_hooks_and_no_growing_state():
+    data = image_bunch(n_train=16, n_valid=8, bs=8)  # 2 training steps per epoch
+    model = get_cnn_model(data, NFS, conv_layer)
+    telemetry = ActivationStatsCallback(modules=lambda m: children(m)[:2])
+    learn, run = get_runner(model, data, cbs=cbfs() + [telemetry])
+    for _ in range(20):
+        run.fit(1, learn)
+        assert forward_hook_count(model) == 0
+        assert len(telemetry.hooks) == 2 and all(len(h.stats[0]) == 2 for h in telemetry.hooks)
+
+
+def test_telemetry_hooks_removed_when_training_is_cancelled_or_fails():
+    data = image_bunch()
+    class Boom(Callback):
+        def __init__(self, exc): self.exc = exc
+        def after_step(self): raise self.exc
+    for exc in (CancelTrainException(), ValueError('boom')):
+        model = get_cnn_model(data, NFS, conv_layer)
+        learn, run = get_runner(model, data, cbs=cbfs() + [ActivationStatsCallback, partial(Boom, exc)])
+        if isinstance(exc, ValueError):
+            with pytest.raises(ValueError, match='boom'): run.fit(1, learn)
+        else:
+            run.fit(1, learn)
+        assert forward_hook_count(model) == 0
+        assert len(run.activation_stats.hooks[0].stats[0]) == 1
+
+
+def test_telemetry_makes_no_per_batch_cpu_copy(monkeypatch):
+    "The statistics stay where the activations are: no `.cpu()` / `.item()` while training."
+    data = image_bunch()
+    model = get_cnn_model(data, NFS, conv_layer)
+    learn, run = get_runner(model, data, cbs=[partial(BatchTransformXCallback, mnist_view), ActivationStatsCallback],
+                            stop_on_nan=False)
+    def forbidden(*args, **kwargs): raise AssertionError('host transfer during training')
+    monkeypatch.setattr(torch.Tensor, 'cpu', forbidden)
+    monkeypatch.setattr(torch.Tensor, 'item', forbidden)
+    run.fit(1, learn)
+    monkeypatch.undo()
+    assert len(run.activation_stats.hooks[0].stats[0]) == 5
