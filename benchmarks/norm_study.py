@@ -1,0 +1,206 @@
+"""The study lesson 10 had not done: validation accuracy after one epoch of the lesson's CNN for every norm layer
+at every batch size, on MNIST and Fashion-MNIST, each cell the mean over seeds.
+
+    EXP_DATA_DIR=../shared/data python benchmarks/norm_study.py             # the whole study, 2 worker processes
+    python benchmarks/norm_study.py --estimate      # time a few steps of each configuration, print the expected total
+    python benchmarks/norm_study.py --smoke         # a tiny run (subsets of the data) into /tmp, to check it works
+    python benchmarks/norm_study.py --table         # rewrite results/norm_study.md from results/norm_study.json
+
+Every finished run is written at once to results/norm_study.json, so an interrupted study resumes where it stopped;
+results/norm_study.md is the table. Each worker process uses one torch thread.
+
+The recipe, the same for every cell: notebook 07's CNN (`get_learn_run`: convolutions of 8, 16, 32, 32 channels,
+Kaiming init, ReLU, then the norm layer), SGD, one epoch over the 50,000 training images. The learning rate rule:
+peak `lr = 0.4 * (bs/2)**0.25` (0.4, 0.57, 0.8 and 1.6 for batches of 2, 8, 32 and 512: the lesson's 0.4 at batch
+size 2 and about its 1.0 at 32), warming up along a cosine from lr/10 over the first 25% of the steps, then annealing
+along a cosine to lr/20. Accuracy on the 10,000 validation images, the model in evaluation mode.
+"""
+import argparse, datetime, json, math, os, platform, sys, tempfile, time
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATASETS = ('mnist', 'fashion-mnist')
+NORMS = ('none', 'BatchNorm', 'LayerNorm', 'InstanceNorm', 'GroupNorm', 'RunningBatchNorm')
+BATCH_SIZES = (2, 8, 32, 512)
+NFS = [8, 16, 32, 32]
+GROUPS = 4  # GroupNorm: 4 groups of 2, 4, 8 and 8 channels
+
+def peak_lr(bs): return 0.4 * (bs / 2) ** 0.25
+
+def lr_schedule(bs):
+    "The learning rate over the epoch (a function of the position 0..1)."
+    from exp.nb_07 import combine_scheds, sched_cos
+    lr = peak_lr(bs)
+    return combine_scheds([0.25, 0.75], [sched_cos(lr / 10, lr), sched_cos(lr, lr / 20)])
+
+def conv_for(norm):
+    "The conv layer function for `norm` (None: no norm layer)."
+    from exp.nb_07 import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RunningBatchNorm, conv_layer
+    if norm == 'none': return partial(conv_layer, bn=False)
+    if norm == 'LayerNorm': return partial(conv_layer, norm=lambda nf: LayerNorm(), bias=True)  # as the lesson's conv_ln
+    if norm == 'GroupNorm': return partial(conv_layer, norm=partial(GroupNorm, GROUPS))
+    return partial(conv_layer, norm={'BatchNorm': BatchNorm, 'InstanceNorm': InstanceNorm,
+                                     'RunningBatchNorm': RunningBatchNorm}[norm])
+
+_DATA = {}
+def load(dataset, n_train=None, n_valid=None):
+    "Normalised training and validation sets of `dataset` (cached per process)."
+    key = (dataset, n_train, n_valid)
+    if key not in _DATA:
+        from exp.nb_07 import Dataset, get_data, normalize_to
+        x_train, y_train, x_valid, y_valid = get_data(dataset)
+        x_train, y_train, x_valid, y_valid = x_train[:n_train], y_train[:n_train], x_valid[:n_valid], y_valid[:n_valid]
+        x_train, x_valid = normalize_to(x_train, x_valid)
+        _DATA[key] = Dataset(x_train, y_train), Dataset(x_valid, y_valid)
+    return _DATA[key]
+
+def accuracy_of(model, valid_ds, bs=1000):
+    "Validation accuracy of `model` in evaluation mode."
+    import torch
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(valid_ds), bs):
+            xb, yb = valid_ds.x[i:i + bs].view(-1, 1, 28, 28), valid_ds.y[i:i + bs]
+            correct += int((model(xb).argmax(1) == yb).sum())
+    return correct / len(valid_ds)
+
+def run_one(job):
+    "Train one cell of the study for one epoch; its record."
+    import io
+    from contextlib import redirect_stdout
+    import torch
+    torch.set_num_threads(1)
+    from exp.nb_07 import (AvgStatsCallback, BatchTransformXCallback, DataBunch, ParamScheduler, accuracy,
+                           get_dls, get_learn_run, mnist_view)
+    dataset, norm, bs, seed, n_train, n_valid, max_steps = job
+    train_ds, valid_ds = load(dataset, n_train, n_valid)
+    data = DataBunch(*get_dls(train_ds, valid_ds, bs), c=10)
+    torch.manual_seed(seed)
+    cbs = [partial(AvgStatsCallback, accuracy, print_stats=False), partial(BatchTransformXCallback, mnist_view),
+           partial(ParamScheduler, 'lr', lr_schedule(bs))]
+    if max_steps: cbs.append(partial(StopAfter, max_steps))
+    learn, run = get_learn_run(NFS, data, peak_lr(bs), conv_for(norm), cbs=cbs)
+    start = time.perf_counter()
+    log = io.StringIO()
+    with redirect_stdout(log): run.fit(1, learn)
+    seconds = time.perf_counter() - start
+    stopped = getattr(run.stop_on_nan, 'found_at', None)
+    train_loss = run.avg_stats.train_stats.avg_stats[0]
+    return {'dataset': dataset, 'norm': norm, 'bs': bs, 'seed': seed, 'lr': peak_lr(bs),
+            'valid_acc': accuracy_of(learn.model, valid_ds), 'train_loss': train_loss if math.isfinite(train_loss) else None,
+            'diverged_at': list(stopped) if stopped else None, 'steps': len(data.train_dl), 'seconds': round(seconds, 1)}
+
+def StopAfter(n):
+    "A callback stopping training after `n` steps (for --estimate and --smoke)."
+    from exp.nb_07 import Callback, CancelTrainException
+    class _StopAfter(Callback):
+        def after_batch(self):
+            if self.in_train and self.n_iter >= n: raise CancelTrainException()
+    return _StopAfter()
+
+def key(r): return f"{r['dataset']}/{r['norm']}/bs{r['bs']}/seed{r['seed']}"
+
+def save_json(path, results):
+    "Write atomically, so an interrupted study never leaves half a file."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False, suffix='.tmp') as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+    os.replace(f.name, path)
+
+def table(results):
+    "The markdown table: one block per dataset, norms by batch sizes, mean accuracy over the seeds (and their range)."
+    runs, meta = results['runs'], results['meta']
+    lines = [f"Validation accuracy (%) after one epoch of the lesson's CNN, mean over seeds {', '.join(map(str, meta['seeds']))} "
+             f"(min-max in brackets). {meta['recipe']}",
+             '', f"Made by `{meta['command']}` on {meta['machine']}, torch {meta['torch']}, {meta['date']}; "
+             f"{len(runs)} runs, {sum(r['seconds'] for r in runs.values()) / 3600:.1f} hours of training.", '']
+    for dataset in DATASETS:
+        lines += [f'**{dataset}**', '', '| norm | ' + ' | '.join(f'bs={bs}' for bs in BATCH_SIZES) + ' |',
+                  '|---|' + '---:|' * len(BATCH_SIZES)]
+        for norm in NORMS:
+            cells = []
+            for bs in BATCH_SIZES:
+                accs = [r['valid_acc'] * 100 for r in runs.values() if (r['dataset'], r['norm'], r['bs']) == (dataset, norm, bs)]
+                div = sum(1 for r in runs.values() if (r['dataset'], r['norm'], r['bs']) == (dataset, norm, bs) and r['diverged_at'])
+                if not accs: cells.append('…'); continue
+                cell = f'{sum(accs) / len(accs):.1f}' + (f' ({min(accs):.1f}-{max(accs):.1f})' if len(accs) > 1 else '')
+                if div: cell += f' †{div}'
+                if len(accs) < len(meta['seeds']): cell += f' [{len(accs)}/{len(meta["seeds"])}]'
+                cells.append(cell)
+            lines.append(f'| {norm} | ' + ' | '.join(cells) + ' |')
+        lines.append('')
+    lines.append('† n: in n of the seeds the training loss became NaN or infinite and training stopped (StopOnNanCallback); '
+                 'the accuracy is that of the model as it stopped. … : not run yet.')
+    return '\n'.join(lines) + '\n'
+
+def write(results, json_path, md_path):
+    save_json(json_path, results)
+    md_path.write_text(table(results))
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--workers', type=int, default=2, help='worker processes, one torch thread each (default 2)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1], help='seeds (default 0 1)')
+    parser.add_argument('--out', default=str(ROOT / 'results'), help='folder for norm_study.json and .md')
+    parser.add_argument('--estimate', action='store_true', help='time 100 steps of each configuration and print the expected total')
+    parser.add_argument('--smoke', action='store_true', help='a tiny run into /tmp/norm_study_smoke')
+    parser.add_argument('--table', action='store_true', help='only rewrite the markdown table from the json')
+    args = parser.parse_args(argv)
+    if not os.environ.get('EXP_DATA_DIR'): print('note: EXP_DATA_DIR is not set; get_data will use its cache or download')
+    out = Path('/tmp/norm_study_smoke' if args.smoke else args.out)
+    json_path, md_path = out / 'norm_study.json', out / 'norm_study.md'
+    if args.table:
+        md_path.write_text(table(json.loads(json_path.read_text())))
+        print(md_path.read_text()); return
+
+    import multiprocessing as mp
+    import torch
+    n_train = n_valid = max_steps = None
+    seeds = args.seeds
+    if args.smoke: n_train, n_valid, max_steps, seeds = 2000, 500, 30, [0]
+    if args.estimate:
+        jobs = [('mnist', norm, bs, 0, None, 1000, 100) for norm in NORMS for bs in BATCH_SIZES]
+        with mp.get_context('spawn').Pool(args.workers) as pool:
+            recs = pool.map(run_one, jobs)
+        total = 0.
+        for r in recs:
+            full_steps = math.ceil(50_000 / r['bs'])
+            per_run = r['seconds'] / min(100, r['steps']) * full_steps
+            total += per_run * len(DATASETS) * len(seeds)
+            print(f"{r['norm']:16s} bs={r['bs']:3d}: {r['seconds'] / min(100, r['steps']) * 1e3:6.1f} ms/step, "
+                  f"{per_run / 60:5.1f} min per epoch")
+        print(f'expected: {total / 3600:.1f} hours of training for {len(DATASETS) * len(seeds)} runs per cell, '
+              f'{total / 3600 / args.workers:.1f} hours on {args.workers} workers (validation not counted)')
+        return
+
+    results = json.loads(json_path.read_text()) if json_path.exists() else {'runs': {}}
+    results['meta'] = {
+        'command': 'python benchmarks/norm_study.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:])),
+        'machine': f'{platform.machine()} CPU, {os.cpu_count()} cores, {args.workers} worker processes of 1 torch thread',
+        'torch': torch.__version__, 'date': datetime.date.today().isoformat(), 'seeds': sorted(set(seeds)),
+        'recipe': ("Every cell: the CNN of notebook 07 (conv 8-16-32-32, Kaiming init, ReLU, then the norm layer; "
+                   f"GroupNorm with {GROUPS} groups, LayerNorm with the conv bias as in the lesson, each layer's default eps), "
+                   "SGD for one epoch of 50,000 images; peak lr = 0.4*(bs/2)**0.25 (0.4, 0.57, 0.8, 1.6), cosine warm-up "
+                   "from lr/10 over 25% of the steps, cosine annealing to lr/20; accuracy on the 10,000 validation "
+                   "images in evaluation mode.")}
+    # the long runs first, so that the two workers finish together
+    jobs = [(d, n, bs, s, n_train, n_valid, max_steps) for bs in BATCH_SIZES for s in seeds for d in DATASETS for n in NORMS]
+    todo = [j for j in jobs if f'{j[0]}/{j[1]}/bs{j[2]}/seed{j[3]}' not in results['runs']]
+    print(f'{len(jobs) - len(todo)} of {len(jobs)} runs done already; {len(todo)} to go on {args.workers} workers', flush=True)
+    start = time.perf_counter()
+    with mp.get_context('spawn').Pool(args.workers) as pool:
+        for i, r in enumerate(pool.imap_unordered(run_one, todo), 1):
+            results['runs'][key(r)] = r
+            write(results, json_path, md_path)
+            elapsed = time.perf_counter() - start
+            print(f"[{i}/{len(todo)}, {elapsed / 60:.1f} min] {key(r)}: {r['valid_acc']:.4f} in {r['seconds']:.0f} s"
+                  + (f" (diverged at {r['diverged_at']})" if r['diverged_at'] else ''), flush=True)
+    write(results, json_path, md_path)
+    print(md_path.read_text())
+
+if __name__ == '__main__':
+    main()

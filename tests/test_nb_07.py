@@ -1,0 +1,378 @@
+"""Behaviour of nb_07's norm layers: equal to PyTorch's own, and RunningBatchNorm against a reference."""
+import copy
+import math
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exp.nb_07 import (AvgStatsCallback, BatchNorm, BatchTransformXCallback, DataBunch, Dataset, GeneralRelu, GroupNorm,
+                       InstanceNorm, LayerNorm, RunningBatchNorm, accuracy, conv_layer, get_dls,
+                       get_learn_run, init_cnn, init_cnn_, mnist_view)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU; this machine has none')
+
+
+def randomise_(m, seed=0):
+    "Give every parameter of `m` random values, so that affine parameters are really tested."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters(): p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + 1)
+    return m
+
+
+def batch(shape=(6, 4, 5, 7), seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2).to(dtype)
+
+
+def outputs_and_grads(m, x, params, seed=2):
+    "Output of `m(x)` and the gradients of a random projection of it w.r.t. `x` and `params`."
+    x = x.clone().requires_grad_()
+    y = m(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    return (y.detach(), *torch.autograd.grad(y, [x, *params], g))
+
+
+def equal(a, b):
+    "Equal tensors, or equal other values (a state dict's extra state)."
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def assert_close(a, b, tol=1e-5):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# --- BatchNorm against nn.BatchNorm2d -----------------------------------------------------------
+
+def test_batchnorm_matches_pytorch_in_training_and_eval():
+    ours, theirs = randomise_(BatchNorm(4, mom=0.2)), nn.BatchNorm2d(4, momentum=0.2)
+    with torch.no_grad(): theirs.weight.copy_(ours.mults.flatten()); theirs.bias.copy_(ours.adds.flatten())
+    for step in range(4):
+        x = batch(seed=step) * (step + 1)
+        o, t = outputs_and_grads(ours, x, [ours.mults, ours.adds]), outputs_and_grads(theirs, x, [theirs.weight, theirs.bias])
+        assert_close(o[0], t[0]); assert_close(o[1], t[1])
+        assert_close(o[2].flatten(), t[2]); assert_close(o[3].flatten(), t[3])
+    assert_close(ours.means.flatten(), theirs.running_mean)
+    assert_close(ours.vars.flatten(), theirs.running_var)
+    ours.eval(); theirs.eval()
+    x = batch(seed=9)
+    o, t = outputs_and_grads(ours, x, [ours.mults, ours.adds]), outputs_and_grads(theirs, x, [theirs.weight, theirs.bias])
+    for a, b in zip(o, t): assert_close(a.flatten(), b.flatten())
+
+
+def test_batchnorm_shapes_names_and_defaults():
+    bn = BatchNorm(3)
+    assert (bn.mom, bn.eps) == (0.1, 1e-5)
+    assert bn.mults.shape == bn.adds.shape == bn.means.shape == bn.vars.shape == (1, 3, 1, 1)
+    assert {n for n, _ in bn.named_buffers()} == {'means', 'vars'}
+    assert {n for n, _ in bn.named_parameters()} == {'mults', 'adds'}
+    with pytest.raises(ValueError, match='more than one value'): bn(torch.randn(1, 3, 1, 1))
+
+
+def test_batchnorm_eval_changes_no_statistics():
+    bn = BatchNorm(4).eval()
+    bn(batch())
+    assert torch.equal(bn.means, torch.zeros(1, 4, 1, 1)) and torch.equal(bn.vars, torch.ones(1, 4, 1, 1))
+
+
+# --- LayerNorm, InstanceNorm, GroupNorm against PyTorch -------------------------------------------
+
+def test_layernorm_matches_f_layer_norm():
+    ln = randomise_(LayerNorm())
+    assert ln.eps == 1e-5 and ln.mult.shape == ln.add.shape == ()
+    x = batch()
+    def theirs(x, w, b): return F.layer_norm(x, x.shape[1:], eps=1e-5) * w + b
+    w, b = ln.mult.detach().clone().requires_grad_(), ln.add.detach().clone().requires_grad_()
+    for a, e in zip(outputs_and_grads(ln, x, [ln.mult, ln.add]), outputs_and_grads(lambda x: theirs(x, w, b), x, [w, b])):
+        assert_close(a, e)
+    ln.eval()  # no running statistics: evaluation is the same computation
+    assert_close(ln(x), theirs(x, w, b).detach())
+
+
+def test_instancenorm_matches_f_instance_norm_with_the_lessons_eps():
+    inorm = randomise_(InstanceNorm(4))
+    assert inorm.eps == 1.0 and inorm.mults.shape == (1, 4, 1, 1)
+    x = batch()
+    w, b = inorm.mults.detach().flatten().requires_grad_(), inorm.adds.detach().flatten().requires_grad_()
+    theirs = lambda x: F.instance_norm(x, weight=w, bias=b, eps=1.0)
+    o, t = outputs_and_grads(inorm, x, [inorm.mults, inorm.adds]), outputs_and_grads(theirs, x, [w, b])
+    for a, e in zip(o, t): assert_close(a.flatten(), e.flatten())
+    small = randomise_(InstanceNorm(4, eps=1e-5))
+    assert_close(small(x), F.instance_norm(x, weight=small.mults.flatten(), bias=small.adds.flatten()))
+
+
+@pytest.mark.parametrize('groups', [1, 2, 4])
+def test_groupnorm_matches_nn_groupnorm(groups):
+    ours, theirs = randomise_(GroupNorm(groups, 4)), nn.GroupNorm(groups, 4)
+    with torch.no_grad(): theirs.weight.copy_(ours.mults.flatten()); theirs.bias.copy_(ours.adds.flatten())
+    x = batch()
+    o, t = outputs_and_grads(ours, x, [ours.mults, ours.adds]), outputs_and_grads(theirs, x, [theirs.weight, theirs.bias])
+    for a, e in zip(o, t): assert_close(a.flatten(), e.flatten())
+    assert_close(ours(x.transpose(2, 3)), theirs(x.transpose(2, 3)).detach())  # non-contiguous input
+
+
+def test_groupnorm_rejects_channels_that_do_not_split():
+    with pytest.raises(ValueError, match='5 channels'): GroupNorm(2, 5)
+
+
+# --- RunningBatchNorm against a reference written step by step --------------------------------------
+
+class ReferenceRBN:
+    """RunningBatchNorm written out as in the lesson: EWMAs of the sums, the sums of squares and the counts,
+    each started at zero and debiased, the momenta, counts and debias factor in Python floats. Gradients
+    flow through the current batch's sums only."""
+    def __init__(self, mults, adds, mom=0.1, eps=1e-5):
+        self.mults, self.adds, self.mom, self.eps = mults, adds, mom, eps
+        nf = mults.shape[1]
+        self.sums, self.sqrs = torch.zeros(1, nf, 1, 1, dtype=torch.float64), torch.zeros(1, nf, 1, 1, dtype=torch.float64)
+        self.count, self.dbias, self.seen = 0., 0., 0
+
+    def __call__(self, x, training):
+        if training:
+            bs = x.shape[0]
+            mom = 1 - (1 - self.mom) / math.sqrt(bs - 1) if bs > 1 else self.mom
+            self.sums = self.sums.detach() * (1 - mom) + x.sum((0, 2, 3), keepdim=True) * mom
+            self.sqrs = self.sqrs.detach() * (1 - mom) + (x * x).sum((0, 2, 3), keepdim=True) * mom
+            self.count = self.count * (1 - mom) + x.numel() / x.shape[1] * mom
+            self.dbias = self.dbias * (1 - mom) + mom
+            self.seen += bs
+        if not self.seen: mean, var = torch.tensor(0.), torch.tensor(1.)
+        else:
+            sums, sqrs, count = self.sums / self.dbias, self.sqrs / self.dbias, self.count / self.dbias
+            mean = sums / count
+            var = sqrs / count - mean * mean
+            if self.seen < 20: var = var.clamp_min(0.01)
+        return (x - mean) / (var + self.eps).sqrt() * self.mults + self.adds
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-8), (torch.float32, 1e-4)])
+def test_running_batchnorm_matches_reference_over_50_steps(dtype, tol):
+    rbn = randomise_(RunningBatchNorm(3, mom=0.1)).to(dtype)
+    ref_mults = rbn.mults.detach().double().requires_grad_()
+    ref_adds = rbn.adds.detach().double().requires_grad_()
+    ref = ReferenceRBN(ref_mults, ref_adds)
+    sizes = [1, 2, 5, 1, 3, 32, 2, 7] * 7
+    for step, bs in enumerate(sizes[:50]):
+        training = step % 10 != 9 and step != 0  # an evaluation every tenth step, and before any training
+        rbn.train(training)
+        x = batch((bs, 3, 4, 5), seed=step) * (1 + step % 3) + step % 4
+        if step < 3: x = x * 0.01  # variances below the early clamp's 0.01
+        x64 = x.double().requires_grad_()
+        y_ref = ref(x64, training)
+        g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        grads_ref = torch.autograd.grad(y_ref, [x64, ref_mults, ref_adds], g)
+        x = x.to(dtype).requires_grad_()
+        y = rbn(x)
+        grads = torch.autograd.grad(y, [x, rbn.mults, rbn.adds], g.to(dtype))
+        assert_close(y.double(), y_ref.detach(), tol)
+        for a, e in zip(grads, grads_ref): assert_close(a.double(), e, tol)
+    assert rbn.batch == sum(bs for i, bs in enumerate(sizes[:50]) if i % 10 != 9 and i != 0)
+    torch.testing.assert_close(rbn.count / ref.dbias, ref.count / ref.dbias, rtol=1e-12, atol=0)
+
+
+def test_running_batchnorm_gradients_pass_gradcheck():
+    "The hand-written backward against finite differences, with and without the early variance clamp."
+    rbn = randomise_(RunningBatchNorm(2)).double()
+    for bs, spread in ((1, 0.01), (2, 1), (9, 0.02), (20, 0.01), (3, 1)):  # clamped, free, clamped, past it
+        x = (batch((bs, 2, 3, 3), seed=bs, dtype=torch.float64) * spread).requires_grad_()
+        extra = rbn.get_extra_state()
+        def one_step(x, mults, adds):  # always from the same running statistics
+            buffers = {k: v.clone() for k, v in rbn.named_buffers()}
+            rbn.set_extra_state(extra)
+            return torch.func.functional_call(rbn, {'mults': mults, 'adds': adds, **buffers}, (x,))
+        assert torch.autograd.gradcheck(one_step, (x, rbn.mults, rbn.adds))
+        rbn.set_extra_state(extra)
+        rbn(x)
+
+
+def test_running_batchnorm_refuses_a_second_derivative():
+    "The hand-written backward is not itself differentiable: asking for it is an error, not a wrong number."
+    rbn = RunningBatchNorm(2)
+    x = batch((3, 2, 3, 3)).requires_grad_()
+    gx, = torch.autograd.grad(rbn(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError): torch.autograd.grad(gx.sum(), x)
+
+
+def test_running_batchnorm_trains_on_single_items():
+    rbn = RunningBatchNorm(4)
+    for step in range(30):
+        y = rbn(batch((1, 4, 3, 3), seed=step))
+        assert torch.isfinite(y).all()
+    y = rbn(torch.zeros(1, 4, 1, 1))  # one value per channel: no variance at all
+    assert torch.isfinite(y).all()
+    y.sum().backward()
+    assert torch.isfinite(rbn.mults.grad).all() and torch.isfinite(rbn.adds.grad).all()
+
+
+def test_running_batchnorm_is_the_identity_before_training():
+    rbn = RunningBatchNorm(4).eval()
+    x = batch()
+    assert_close(rbn(x), x * (1 + 1e-5) ** -0.5)
+
+
+def test_running_batchnorm_eval_uses_the_running_statistics():
+    rbn = randomise_(RunningBatchNorm(4))
+    for step in range(5): rbn(batch(seed=step))
+    rbn.eval()
+    state = copy.deepcopy(rbn.state_dict())
+    x1, x2 = batch(seed=10), batch(seed=11) * 5 + 3
+    y1 = rbn(x1)
+    mean, var = rbn.running_stats()
+    assert_close(y1, ((x1 - mean) / (var + rbn.eps).sqrt() * rbn.mults + rbn.adds).detach())
+    assert_close(rbn(x1[:2]), y1[:2])  # each item on its own: no batch statistics in evaluation
+    rbn(x2)
+    for k, v in rbn.state_dict().items(): assert equal(v, state[k]), k
+
+
+def test_running_batchnorm_gradients_reach_mults_and_adds_in_training():
+    rbn = RunningBatchNorm(4)
+    x = batch().requires_grad_()
+    (rbn(x) * torch.arange(4.).view(1, 4, 1, 1)).pow(2).sum().backward()
+    for t in (x.grad, rbn.mults.grad, rbn.adds.grad):
+        assert t is not None and torch.isfinite(t).all() and t.abs().sum() > 0
+    rbn.zero_grad()
+    rbn.eval()
+    rbn(x).sum().backward()
+    assert rbn.adds.grad.abs().sum() > 0 and rbn.mults.grad.abs().sum() > 0
+
+
+def test_running_batchnorm_names_and_defaults():
+    rbn = RunningBatchNorm(3)
+    assert (rbn.mom, rbn.eps) == (0.1, 1e-5)
+    assert {n for n, _ in rbn.named_parameters()} == {'mults', 'adds'}
+    assert {n for n, _ in rbn.named_buffers()} == {'sums', 'sqrs'}
+    assert rbn.mults.shape == rbn.sums.shape == rbn.sqrs.shape == (1, 3, 1, 1)
+    assert (rbn.count, rbn.batch) == (0, 0)  # Python numbers: the host knows every batch's shape
+    rbn(torch.randn(5, 3, 2, 2))
+    assert rbn.batch == 5 and rbn.count == pytest.approx(20 * (1 - 0.9 / 2))
+
+
+def test_running_batchnorm_forward_never_asks_the_device_for_a_value(monkeypatch):
+    "`.item()`, `bool()`, `float()`, `int()` or `.tolist()` on a tensor would stall a GPU until it catches up."
+    rbn = RunningBatchNorm(4)
+    x = batch().requires_grad_()
+    def refuse(*args, **kwargs): raise AssertionError('a host-device synchronisation')
+    for name in ('item', '__bool__', '__float__', '__int__', '__index__', 'tolist', 'cpu', 'numpy'):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for training in (True, True, False, True):
+        rbn.train(training)
+        y = rbn(x)
+        if training: y.sum().backward()
+    monkeypatch.undo()
+    assert torch.isfinite(x.grad).all()
+
+
+# --- every norm layer: state_dict and devices ---------------------------------------------------------
+
+def all_norms():
+    return {'BatchNorm': BatchNorm(4), 'LayerNorm': LayerNorm(), 'InstanceNorm': InstanceNorm(4),
+            'GroupNorm': GroupNorm(2, 4), 'RunningBatchNorm': RunningBatchNorm(4)}
+
+
+@pytest.mark.parametrize('name', list(all_norms()))
+def test_norm_round_trips_through_state_dict(name, tmp_path):
+    trained = randomise_(all_norms()[name])
+    for step in range(3): trained(batch(seed=step))
+    trained.eval()
+    path = tmp_path / 'norm.pt'
+    torch.save(trained.state_dict(), path)
+    fresh = all_norms()[name]
+    fresh.load_state_dict(torch.load(path))
+    fresh.eval()
+    assert set(fresh.state_dict()) == set(trained.state_dict())
+    for (k, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()): assert equal(a, b), k
+    x = batch(seed=7)
+    assert torch.equal(fresh(x), trained(x))
+
+
+@pytest.mark.parametrize('name', list(all_norms()))
+def test_norm_moves_with_its_buffers(name):
+    m = all_norms()[name]
+    m64 = m.to(torch.float64)
+    assert all(t.dtype == torch.float64 for t in [*m64.parameters(), *m64.buffers()])
+    y = m64(batch(dtype=torch.float64))
+    assert y.dtype == torch.float64
+    meta = all_norms()[name].to('meta')
+    assert all(t.device.type == 'meta' for t in [*meta.parameters(), *meta.buffers()])
+    assert meta(torch.empty(6, 4, 5, 7, device='meta')).shape == (6, 4, 5, 7)
+
+
+@cuda
+@pytest.mark.parametrize('name', list(all_norms()))
+def test_norm_runs_on_cuda_with_its_buffers(name):
+    m, ref = all_norms()[name], all_norms()[name]
+    m = m.cuda()
+    assert all(t.is_cuda for t in [*m.parameters(), *m.buffers()])
+    for step in range(3):
+        x = batch(seed=step)
+        assert_close(m(x.cuda()).cpu(), ref(x).detach(), 1e-4)
+
+
+@cuda
+def test_running_batchnorm_training_step_never_synchronises_on_cuda():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), RunningBatchNorm(8), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(10)).cuda()
+    x, y = torch.randn(2, 1, 8, 8, device='cuda'), torch.randint(0, 10, (2,), device='cuda')
+    model(x)  # materialise the lazy layer
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        for training in (True, True, False):
+            model.train(training)
+            loss = F.cross_entropy(model(x), y)
+            if training: loss.backward(); opt.step(); opt.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+# --- conv_layer, init_cnn_, get_learn_run -----------------------------------------------------------------
+
+def test_conv_layer_with_and_without_a_norm_layer():
+    layer = conv_layer(3, 8, 5, leak=0.1, sub=0.4, maxv=6.)
+    conv, relu, bn = layer
+    assert isinstance(conv, nn.Conv2d) and conv.bias is None and conv.kernel_size == (5, 5)
+    assert conv.stride == (2, 2) and conv.padding == (2, 2)
+    assert isinstance(relu, GeneralRelu) and (relu.leak, relu.sub, relu.maxv) == (0.1, 0.4, 6.)
+    assert isinstance(bn, BatchNorm) and bn.mults.shape == (1, 8, 1, 1)
+    plain = conv_layer(3, 8, bn=False)
+    assert len(plain) == 2 and plain[0].bias is not None
+    assert isinstance(conv_layer(3, 8, norm=nn.BatchNorm2d)[2], nn.BatchNorm2d)
+    assert isinstance(conv_layer(3, 8, norm=partial(GroupNorm, 2))[2], GroupNorm)
+    assert conv_layer(3, 8, norm=lambda nf: LayerNorm(), bias=True)[0].bias is not None
+    assert conv_layer(3, 8)(torch.randn(2, 3, 9, 9)).shape == (2, 8, 5, 5)
+
+
+def test_init_cnn_reaches_nested_convolutions_and_skips_missing_biases():
+    torch.manual_seed(0)
+    model = nn.Sequential(conv_layer(16, 64), nn.Sequential(conv_layer(64, 64, bn=False), nn.Sequential(nn.Conv2d(64, 32, 3))))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.bias is not None: nn.init.constant_(m.bias, 1.)
+    init_cnn(model)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3
+    for conv in convs:
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (1 + 0.1 ** 2) / fan_in), rel=0.1)
+        assert conv.bias is None or torch.count_nonzero(conv.bias) == 0
+    init_cnn_(model, lambda w, a: nn.init.constant_(w, a))  # f gets the weight and a=0.1
+    assert all(torch.all(c.weight == 0.1) for c in convs)
+
+
+@pytest.mark.parametrize('norm', [None, nn.BatchNorm2d, RunningBatchNorm, partial(GroupNorm, 2)])
+def test_get_learn_run_trains_a_cnn_with_norm_layers(norm):
+    torch.manual_seed(0)
+    x = torch.zeros(200, 784); y = torch.arange(200) % 2
+    x[y == 1, :392] = 1.  # class 1: the top half of the image is bright
+    x += torch.randn_like(x) * 0.1
+    data = DataBunch(*get_dls(Dataset(x[:160], y[:160]), Dataset(x[160:], y[160:]), 16), c=2)
+    cbs = [partial(AvgStatsCallback, accuracy, print_stats=False), partial(BatchTransformXCallback, mnist_view)]
+    learn, run = get_learn_run([4, 8], data, 0.3, conv_layer, cbs=cbs, norm=norm)
+    kind = norm.func if isinstance(norm, partial) else norm or BatchNorm
+    assert sum(isinstance(m, kind) for m in learn.model.modules()) == 2
+    run.fit(3, learn)
+    assert run.avg_stats.valid_stats.avg_stats[1] == 1.0
