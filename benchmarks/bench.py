@@ -7,6 +7,7 @@ Each ratio is the median over `--repeats` alternating runs of ours and the refer
 machine slows both sides alike. Sections register themselves in SECTIONS.
 """
 import argparse, platform, statistics, sys, time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,6 +56,214 @@ def dataloader(repeats):
         rows.append((f'DataLoader shuffled, bs={bs} / indexing by randperm', *compare(ours_shuffled, indexing_shuffled, repeats)))
     return rows
 
+# --- activation telemetry: training with ActivationStatsCallback against without ----------------
+
+@section
+def telemetry(repeats):
+    "An epoch of the lesson's CNN (10,000 MNIST-shaped items) with the activation-statistics callback against without."
+    from exp.nb_06 import (ActivationStatsCallback, DataBunch, Dataset, DeviceCallback, BatchTransformXCallback,
+                           conv_layer, get_dls, get_learn_run, mnist_view)
+    x, y = torch.randn(12_000, 784), torch.randint(0, 10, (12_000,))
+    rows = []
+    batch_sizes = (32, 512) if not torch.cuda.is_available() else (32, 512, 2048)
+    for bs in batch_sizes:
+        data = DataBunch(*get_dls(Dataset(x[:10_000], y[:10_000]), Dataset(x[10_000:], y[10_000:]), bs), c=10)
+        def epoch(with_telemetry):
+            cbs = [DeviceCallback, partial(BatchTransformXCallback, mnist_view)]
+            if with_telemetry: cbs.append(ActivationStatsCallback)
+            learn, run = get_learn_run([8, 16, 32, 32], data, 0.4, conv_layer, cbs=cbs, leak=0.1, sub=0.4, maxv=6.)
+            def fit():
+                run.fit(1, learn)
+                if torch.cuda.is_available(): torch.cuda.synchronize()
+            return fit
+        rows.append((f'epoch with activation telemetry / without, bs={bs}', *compare(epoch(True), epoch(False), repeats)))
+    return rows
+
+# --- the Runner with its usual callbacks against a hand-written PyTorch loop -----------------------
+
+@section
+def runner(repeats):
+    "An epoch (10,000 MNIST-shaped items, then 2,000 to validate) of the lesson's CNN: our Runner with its usual callbacks against a hand-written loop."
+    import copy, io
+    from contextlib import redirect_stdout
+    import torch.nn.functional as F
+    from torch import optim
+    from exp.nb_06 import (AvgStatsCallback, BatchTransformXCallback, DataBunch, Dataset, DeviceCallback, Learner,
+                           ParamScheduler, Recorder, Runner, accuracy, combine_scheds, conv_layer, get_cnn_model,
+                           get_dls, init_cnn, sched_cos, view_tfm)
+    g = torch.Generator().manual_seed(0)
+    n_train, n_valid = 10_000, 2_000
+    x, y = torch.rand(n_train + n_valid, 784, generator=g), torch.randint(0, 10, (n_train + n_valid,), generator=g)
+    x_train, y_train, x_valid, y_valid = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    sched = combine_scheds([0.3, 0.7], [sched_cos(0.3, 0.6), sched_cos(0.6, 0.2)])
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    def sync():
+        if device.type == 'cuda': torch.cuda.synchronize()
+    rows = []
+    for bs in (32, 512):
+        data = DataBunch(*get_dls(Dataset(x_train, y_train), Dataset(x_valid, y_valid), bs), c=10)
+        model = get_cnn_model(data, [8, 16, 32, 32], conv_layer)
+        init_cnn(model)
+        init = copy.deepcopy(model.state_dict())
+        def start():
+            "Every repeat from the same weights and the same shuffle."
+            model.load_state_dict(init)
+            torch.manual_seed(1)
+            return optim.SGD(model.parameters(), lr=sched(0.))
+        def ours():
+            learn = Learner(model, start(), F.cross_entropy, data)
+            run = Runner(cb_funcs=[partial(AvgStatsCallback, accuracy), Recorder, partial(ParamScheduler, 'lr', sched),
+                                   partial(BatchTransformXCallback, view_tfm(1, 28, 28)), DeviceCallback])
+            with redirect_stdout(io.StringIO()): run.fit(1, learn)  # AvgStatsCallback prints the epoch's stats
+            sync()
+            return run.avg_stats.valid_stats.avg_stats
+        def reference():
+            opt = start()
+            model.to(device)
+            model.train()
+            lrs, losses, n_epochs, iters = [], [], 0., (n_train + bs - 1) // bs
+            tot_loss, tot_acc, count = 0., 0., 0
+            idxs = torch.randperm(n_train)
+            for i in range(0, n_train, bs):
+                b = idxs[i:i + bs]
+                xb, yb = x_train[b].to(device).view(-1, 1, 28, 28), y_train[b].to(device)
+                for pg in opt.param_groups: pg['lr'] = sched(n_epochs)  # one epoch: position = epochs done
+                pred = model(xb)
+                loss = F.cross_entropy(pred, yb)
+                with torch.no_grad():
+                    tot_loss = tot_loss + loss.detach() * len(xb)
+                    tot_acc = tot_acc + (pred.detach().argmax(dim=1) == yb).float().mean() * len(xb)
+                    count += len(xb)
+                loss.backward(); opt.step(); opt.zero_grad()
+                lrs.append(opt.param_groups[0]['lr']); losses.append(loss.detach())
+                n_epochs += 1. / iters
+            model.eval()
+            tot_loss, tot_acc, count = 0., 0., 0
+            with torch.no_grad():
+                for i in range(0, n_valid, 2 * bs):
+                    xb, yb = x_valid[i:i + 2 * bs].to(device).view(-1, 1, 28, 28), y_valid[i:i + 2 * bs].to(device)
+                    pred = model(xb)
+                    loss = F.cross_entropy(pred, yb)
+                    tot_loss = tot_loss + loss * len(xb)
+                    tot_acc = tot_acc + (pred.argmax(dim=1) == yb).float().mean() * len(xb)
+                    count += len(xb)
+            sync()
+            return [float(tot_loss) / count, float(tot_acc) / count]
+        a, b = ours(), reference()  # the same computation, or the comparison means nothing
+        if not torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-3, atol=1e-4):
+            raise AssertionError(f'runner: ours and the reference differ at bs={bs}: valid [loss, accuracy] {a} != {b}')
+        rows.append((f'epoch of the CNN, Runner + 5 callbacks / hand-written loop, bs={bs}', *compare(ours, reference, repeats)))
+    return rows
+
+# --- the whole sequence in quick mode (run_notebooks.py --quick) ---------------------------------
+
+@section
+def quick_run(repeats):
+    "Seconds per notebook of `run_notebooks.py --quick` (a temporary output folder), and the total against its 10-minute budget."
+    import io, os, tempfile
+    import run_notebooks as rn
+    if not os.environ.get('EXP_DATA_DIR'): return [('quick run: skipped, EXP_DATA_DIR is not set', None, None, None)]
+    paths, n = rn.numbered_notebooks(rn.NBS_DIR), max(1, min(repeats, 3))  # a run takes minutes: at most 3
+    times, totals = {p.stem: [] for p in paths}, []
+    for _ in range(n):
+        with tempfile.TemporaryDirectory() as out:
+            runs = rn.run_notebooks(paths, out_dir=out, quick=True, out=io.StringIO())
+        failed = [r for r in runs if r.failure]
+        if failed: raise RuntimeError(rn.failure_report(failed[0]))
+        for r in runs: times[r.name].append(r.seconds)
+        totals.append(sum(r.seconds for r in runs))
+    rows = [(f'quick run: {name} (median of {n})', statistics.median(ts), None, None) for name, ts in times.items()]
+    total = statistics.median(totals)
+    return rows + [(f'quick run: all {len(paths)} notebooks / the 10-minute budget', total, 600., total / 600)]
+
+# --- RunningBatchNorm against nn.BatchNorm2d, our BatchNorm and the lesson's version ------------------
+
+class LessonRunningBatchNorm(torch.nn.Module):
+    "The lesson's RunningBatchNorm as it was shown (07_batchnorm), kept here as the reference to beat."
+    def __init__(self, nf, mom=0.1, eps=1e-5):
+        super().__init__()
+        self.mom, self.eps = mom, eps
+        self.mults = torch.nn.Parameter(torch.ones (nf, 1, 1))
+        self.adds  = torch.nn.Parameter(torch.zeros(nf, 1, 1))
+        self.register_buffer('sums', torch.zeros(1, nf, 1, 1))
+        self.register_buffer('sqrs', torch.zeros(1, nf, 1, 1))
+        self.register_buffer('batch', torch.tensor(0.))
+        self.register_buffer('count', torch.tensor(0.))
+        self.register_buffer('step', torch.tensor(0.))
+        self.register_buffer('dbias', torch.tensor(0.))
+
+    def update_stats(self, x):
+        import math
+        bs, nc, *_ = x.shape
+        self.sums.detach_()
+        self.sqrs.detach_()
+        dims = (0, 2, 3)
+        s = x.sum(dims, keepdim=True)
+        ss = (x * x).sum(dims, keepdim=True)
+        c = self.count.new_tensor(x.numel() / nc)
+        mom1 = 1 - (1 - self.mom) / math.sqrt(bs - 1)
+        self.mom1 = self.dbias.new_tensor(mom1)
+        self.sums.lerp_(s, self.mom1)
+        self.sqrs.lerp_(ss, self.mom1)
+        self.count.lerp_(c, self.mom1)
+        self.dbias = self.dbias * (1 - self.mom1) + self.mom1
+        self.batch += bs
+        self.step += 1
+
+    def forward(self, x):
+        if self.training: self.update_stats(x)
+        sums, sqrs, c = self.sums, self.sqrs, self.count
+        if self.step < 100:
+            sums = sums / self.dbias
+            sqrs = sqrs / self.dbias
+            c = c / self.dbias
+        means = sums / c
+        vars = (sqrs / c).sub_(means * means)
+        if bool(self.batch < 20): vars.clamp_min_(0.01)
+        x = (x - means).div_((vars.add_(self.eps)).sqrt())
+        return x.mul_(self.mults).add_(self.adds)
+
+def norm_cnn(norm, nfs=(8, 16, 32, 32)):
+    "The lesson's CNN for MNIST: (conv without bias, `norm`, ReLU) four times, then pool and a linear layer."
+    layers, ni = [], 1
+    for i, nf in enumerate(nfs):
+        ks = 5 if i == 0 else 3
+        layers += [torch.nn.Conv2d(ni, nf, ks, 2, ks // 2, bias=False), norm(nf), torch.nn.ReLU()]
+        ni = nf
+    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(ni, 10))
+
+@section
+def running_batchnorm(repeats):
+    "Training steps (forward, backward, SGD) of the lesson's CNN on MNIST-shaped batches, with each norm layer."
+    import torch.nn.functional as F
+    from exp.nb_07 import BatchNorm, RunningBatchNorm
+    def steps(norm, bs, n):
+        torch.manual_seed(0)
+        model = norm_cnn(norm)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(bs, 1, 28, 28), torch.randint(0, 10, (bs,))
+        def run():
+            for _ in range(n):
+                F.cross_entropy(model(x), y).backward(); opt.step(); opt.zero_grad()
+        return run
+    rows = []
+    for bs, n in ((2, 100), (32, 30), (512, 3)):
+        # the same computation, or the comparison means nothing: one step of ours and of the lesson's
+        torch.manual_seed(1)
+        x = torch.randn(bs, 1, 28, 28)
+        ours, lesson = norm_cnn(RunningBatchNorm), norm_cnn(LessonRunningBatchNorm)
+        theirs = lesson.state_dict()  # same weights; the lesson's mults and adds are (nf, 1, 1), ours (1, nf, 1, 1)
+        lesson.load_state_dict({k: v.reshape(theirs[k].shape) for k, v in ours.state_dict().items() if k in theirs}, strict=False)
+        if not torch.allclose(ours(x), lesson(x), rtol=1e-4, atol=1e-5):
+            raise AssertionError(f'running_batchnorm: ours and the lesson\'s RunningBatchNorm differ at bs={bs}')
+        rows.append((f'{n} training steps of the CNN, bs={bs}: RunningBatchNorm / nn.BatchNorm2d',
+                     *compare(steps(RunningBatchNorm, bs, n), steps(torch.nn.BatchNorm2d, bs, n), repeats)))
+        rows.append((f'{n} training steps of the CNN, bs={bs}: RunningBatchNorm / our BatchNorm',
+                     *compare(steps(RunningBatchNorm, bs, n), steps(BatchNorm, bs, n), repeats)))
+        rows.append((f"{n} training steps of the CNN, bs={bs}: the lesson's RunningBatchNorm / nn.BatchNorm2d",
+                     *compare(steps(LessonRunningBatchNorm, bs, n), steps(torch.nn.BatchNorm2d, bs, n), repeats)))
+    return rows
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('sections', nargs='*', help=f'sections to run (default: all): {", ".join(SECTIONS)}')
@@ -68,7 +277,8 @@ def main(argv=None):
     print(f'| benchmark | ours (s) | reference (s) | ratio |\n|---|---:|---:|---:|')
     for name in args.sections or SECTIONS:
         for what, ours, ref, ratio in SECTIONS[name](args.repeats):
-            print(f'| {what} | {ours:.4f} | {ref:.4f} | {ratio:.2f}x |', flush=True)
+            cell = lambda v, fmt: '-' if v is None else fmt.format(v)  # rows with no reference show '-'
+            print(f'| {what} | {cell(ours, "{:.4f}")} | {cell(ref, "{:.4f}")} | {cell(ratio, "{:.2f}x")} |', flush=True)
 
 if __name__ == '__main__':
     main()
