@@ -104,11 +104,11 @@ def StopAfter(n):
 
 def key(r): return f"{r['dataset']}/{r['norm']}/bs{r['bs']}/seed{r['seed']}"
 
-def save_json(path, results):
-    "Write atomically, so an interrupted study never leaves half a file."
+def write_atomic(path, text):
+    "Write `text` to `path` through a temporary file and a rename, so an interrupted study never leaves half a file."
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False, suffix='.tmp') as f:
-        json.dump(results, f, indent=1, sort_keys=True)
+        f.write(text)
     os.replace(f.name, path)
 
 def table(results):
@@ -138,8 +138,8 @@ def table(results):
     return '\n'.join(lines) + '\n'
 
 def write(results, json_path, md_path):
-    save_json(json_path, results)
-    md_path.write_text(table(results))
+    write_atomic(json_path, json.dumps(results, indent=1, sort_keys=True))
+    write_atomic(md_path, table(results))
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,11 +150,13 @@ def main(argv=None):
     parser.add_argument('--smoke', action='store_true', help='a tiny run into /tmp/norm_study_smoke')
     parser.add_argument('--table', action='store_true', help='only rewrite the markdown table from the json')
     args = parser.parse_args(argv)
+    if args.workers < 1: parser.error(f'--workers must be at least 1, got {args.workers}')
     if not os.environ.get('EXP_DATA_DIR'): print('note: EXP_DATA_DIR is not set; get_data will use its cache or download')
     out = Path('/tmp/norm_study_smoke' if args.smoke else args.out)
     json_path, md_path = out / 'norm_study.json', out / 'norm_study.md'
     if args.table:
-        md_path.write_text(table(json.loads(json_path.read_text())))
+        if not json_path.is_file(): parser.error(f'--table: {json_path} does not exist; run the study first')
+        write_atomic(md_path, table(json.loads(json_path.read_text())))
         print(md_path.read_text()); return
 
     import multiprocessing as mp
@@ -177,7 +179,8 @@ def main(argv=None):
               f'{total / 3600 / args.workers:.1f} hours on {args.workers} workers (validation not counted)')
         return
 
-    results = json.loads(json_path.read_text()) if json_path.exists() else {'runs': {}}
+    # a study resumes from its json; a smoke run always starts afresh
+    results = json.loads(json_path.read_text()) if json_path.exists() and not args.smoke else {'runs': {}}
     results['meta'] = {
         'command': 'python benchmarks/norm_study.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:])),
         'machine': f'{platform.machine()} CPU, {os.cpu_count()} cores, {args.workers} worker processes of 1 torch thread',

@@ -1,0 +1,104 @@
+"""benchmarks/norm_study.py: its learning-rate rule, one run of a cell, the table it writes, bad arguments."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import norm_study as ns  # noqa: E402
+from exp.nb_07 import Dataset  # noqa: E402
+
+
+def test_peak_lr_rule():
+    assert [round(ns.peak_lr(bs), 4) for bs in ns.BATCH_SIZES] == [0.4, 0.5657, 0.8, 1.6]
+
+
+def test_lr_schedule_warms_up_then_anneals():
+    sched, peak = ns.lr_schedule(32), ns.peak_lr(32)
+    assert sched(0.) == pytest.approx(peak / 10)
+    assert sched(0.25) == pytest.approx(peak)
+    assert sched(1.) == pytest.approx(peak / 20)
+    assert sched(0.1) < sched(0.2) < sched(0.25) > sched(0.5) > sched(0.9)
+
+
+@pytest.fixture
+def tiny_data(monkeypatch):
+    "Random MNIST-shaped data instead of get_data: 64 training and 40 validation images."
+    g = torch.Generator().manual_seed(0)
+    train = Dataset(torch.randn(64, 784, generator=g), torch.randint(0, 10, (64,), generator=g))
+    valid = Dataset(torch.randn(40, 784, generator=g), torch.randint(0, 10, (40,), generator=g))
+    monkeypatch.setattr(ns, 'load', lambda dataset, n_train=None, n_valid=None: (train, valid))
+    return train, valid
+
+
+@pytest.mark.parametrize('norm', ns.NORMS)
+def test_run_one_trains_each_norm_and_is_repeatable(tiny_data, norm):
+    job = ('mnist', norm, 8, 3, None, None, None)
+    r = ns.run_one(job)
+    assert (r['dataset'], r['norm'], r['bs'], r['seed']) == ('mnist', norm, 8, 3)
+    assert r['steps'] == 8 and r['lr'] == pytest.approx(ns.peak_lr(8))
+    assert r['valid_acc'] * 40 == pytest.approx(round(r['valid_acc'] * 40))  # a count of 40 images
+    assert 0 <= r['valid_acc'] <= 1
+    again = ns.run_one(job)
+    assert (again['valid_acc'], again['train_loss']) == (r['valid_acc'], r['train_loss'])
+
+
+def test_run_one_stops_after_max_steps(tiny_data, monkeypatch):
+    seen = []
+    original = ns.StopAfter
+    def spy(n):
+        cb = original(n)
+        after = cb.after_batch
+        def after_batch():
+            if cb.in_train: seen.append(cb.n_iter)
+            after()
+        cb.after_batch = after_batch
+        return cb
+    monkeypatch.setattr(ns, 'StopAfter', spy)
+    ns.run_one(('mnist', 'BatchNorm', 2, 0, None, None, 5))
+    assert max(seen) == 5  # 32 steps in the epoch, stopped at the fifth
+
+
+def record(dataset, norm, bs, seed, acc, diverged=None):
+    return {'dataset': dataset, 'norm': norm, 'bs': bs, 'seed': seed, 'lr': ns.peak_lr(bs), 'valid_acc': acc,
+            'train_loss': None, 'diverged_at': diverged, 'steps': 1, 'seconds': 1800.}
+
+
+def test_table_means_ranges_divergences_and_missing_cells():
+    runs = [record('mnist', 'BatchNorm', 2, 0, 0.90), record('mnist', 'BatchNorm', 2, 1, 0.96),
+            record('mnist', 'LayerNorm', 2, 0, 0.10, [0, 5]), record('mnist', 'LayerNorm', 2, 1, 0.12),
+            record('mnist', 'GroupNorm', 32, 0, 0.98)]
+    results = {'runs': {ns.key(r): r for r in runs},
+               'meta': {'seeds': [0, 1], 'recipe': 'RECIPE.', 'command': 'CMD', 'machine': 'MACHINE',
+                        'torch': 'T', 'date': 'D'}}
+    md = ns.table(results)
+    lines = md.splitlines()
+    assert 'seeds 0, 1' in lines[0] and 'RECIPE.' in lines[0]
+    assert '5 runs, 2.5 hours of training' in lines[2]
+    assert '| BatchNorm | 93.0 (90.0-96.0) | … | … | … |' in lines
+    assert '| LayerNorm | 11.0 (10.0-12.0) †1 | … | … | … |' in lines
+    assert '| GroupNorm | … | … | 98.0 [1/2] | … |' in lines
+    assert md.count('| none | … | … | … | … |') == 2  # both datasets
+
+
+def test_write_is_atomic_and_round_trips(tmp_path):
+    results = {'runs': {}, 'meta': {'seeds': [0], 'recipe': '', 'command': '', 'machine': '', 'torch': '', 'date': ''}}
+    ns.write(results, tmp_path / 'out' / 'norm_study.json', tmp_path / 'out' / 'norm_study.md')
+    assert json.loads((tmp_path / 'out' / 'norm_study.json').read_text()) == results
+    assert (tmp_path / 'out' / 'norm_study.md').read_text() == ns.table(results)
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['norm_study.json', 'norm_study.md']
+
+
+def test_table_without_a_study_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e: ns.main(['--table', '--out', str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / 'norm_study.json') in err and 'run the study first' in err
+
+
+def test_workers_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as e: ns.main(['--workers', '0'])
+    assert e.value.code == 2 and '--workers must be at least 1' in capsys.readouterr().err
