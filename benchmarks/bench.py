@@ -271,6 +271,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown: parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.repeats < 1: parser.error(f'--repeats must be at least 1, got {args.repeats}')
     torch.manual_seed(0)
     print(f'machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, '
           f'{"CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"}; median of {args.repeats}')
