@@ -1,12 +1,12 @@
-"Tests of the data loading in exp.nb_05: the idx parser, the real data, and downloads from a local HTTP server."
-import gzip, hashlib, http.server, os, re, socket, struct, threading
+"Tests of the data loading in exp.nb_00: the idx parser, the real data, and downloads from a local HTTP server."
+import gzip, hashlib, http.server, os, re, socket, struct, threading, time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest, torch
 
-import exp.nb_05 as nb
-from exp.nb_05 import CorruptFileError, DataUnavailableError, dataset_name, get_data, parse_idx, read_idx
+import exp.nb_00 as nb
+from exp.nb_00 import CorruptFileError, DataUnavailableError, dataset_name, get_data, parse_idx, read_idx
 
 IMAGES, LABELS = 'train-images-idx3-ubyte', 'train-labels-idx1-ubyte'
 FILES = (IMAGES, LABELS, 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
@@ -279,3 +279,156 @@ def test_corrupt_user_data_is_left_alone(fake, server, monkeypatch, tmp_path):
 
 def test_missing_path_is_an_error(fake, tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path/'nope'))): get_data(path=tmp_path/'nope')
+
+# ---- reliability: a deadline per file, a read-only cache, nothing half-written
+
+def finishes_within(seconds, f, *args):
+    "`f(*args)` run in a thread; fail (rather than hang) if it takes more than `seconds`. Returns (result or exception, time)."
+    out = {}
+    def target():
+        start = time.monotonic()
+        try: out['result'] = f(*args)
+        except BaseException as e: out['result'] = e
+        out['time'] = time.monotonic() - start
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f'{f.__name__}{args} still running after {seconds} s'
+    return out['result'], out['time']
+
+@pytest.fixture
+def serve():
+    "Start servers on 127.0.0.1 whose GET is `answer(handler, stop)`; returns a function giving a server's base URL."
+    stop, servers = threading.Event(), []
+    def start(answer):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args): pass
+            def do_GET(self):
+                try: answer(self, stop)
+                except OSError: pass  # the client gave up
+        httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True).start()
+        servers.append(httpd)
+        return f'http://127.0.0.1:{httpd.server_port}/'
+    yield start
+    stop.set()
+    for httpd in servers: httpd.shutdown(); httpd.server_close()
+
+def promise(handler, n):
+    "Start an answer of `n` bytes."
+    handler.send_response(200)
+    handler.send_header('Content-Length', str(n))
+    handler.end_headers()
+
+@pytest.fixture
+def trickle(serve):
+    "A server that promises 1 MB and sends it one byte every 0.1 s, until the test ends."
+    def answer(handler, stop):
+        promise(handler, 10**6)
+        while not stop.wait(0.1): handler.wfile.write(b'\x1f')
+    return serve(answer) + 'trickle/'
+
+@pytest.fixture
+def silent():
+    "The address of a socket on 127.0.0.1 that accepts connections but never answers."
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        s.listen(16)
+        yield f'http://127.0.0.1:{s.getsockname()[1]}/'
+
+def test_deadline_defaults():
+    assert 0 < nb.DOWNLOAD_TIMEOUT < nb.DOWNLOAD_DEADLINE
+
+def test_trickling_mirror_hits_the_deadline(fake, server, trickle, monkeypatch):
+    # bytes arrive every 0.1 s, well within the per-connection timeout: only the deadline can stop it
+    monkeypatch.setattr(nb, 'DOWNLOAD_TIMEOUT', 2)
+    monkeypatch.setattr(nb, 'DOWNLOAD_DEADLINE', 1.5)
+    good = server.mirror('good')
+    use_mirrors(monkeypatch, trickle, good)
+    err, took = finishes_within(15, nb.download, 'mnist', LABELS)
+    assert isinstance(err, DataUnavailableError), err
+    assert took < 1.5 + 2  # at most one chunk's wait past the deadline
+    msg = str(err)
+    assert f'mnist/{LABELS}.gz' in msg and '1.5 s' in msg and 'DOWNLOAD_DEADLINE' in msg
+    assert f'{trickle}{LABELS}.gz: ' in msg and f'{good}{LABELS}.gz: not tried' in msg
+    assert server.requests == []  # the deadline is for all mirrors together
+    assert not fake.exists() or not any(fake.iterdir())  # nothing half-downloaded in the cache
+
+def test_silent_mirrors_share_one_deadline(fake, silent, monkeypatch):
+    monkeypatch.setattr(nb, 'DOWNLOAD_TIMEOUT', 0.5)
+    monkeypatch.setattr(nb, 'DOWNLOAD_DEADLINE', 1.2)
+    mirrors = [f'{silent}m{i}/' for i in range(8)]  # 8 x 0.5 s = 4 s without a deadline
+    use_mirrors(monkeypatch, *mirrors)
+    err, took = finishes_within(15, nb.download, 'mnist', LABELS)
+    assert isinstance(err, DataUnavailableError), err
+    assert 1.2 <= took < 3.5  # without the deadline: 8 x 0.5 s
+    msg = str(err)
+    assert '1.2 s' in msg and f'{mirrors[0]}{LABELS}.gz: ' in msg and f'{mirrors[-1]}{LABELS}.gz: not tried' in msg
+
+def test_a_slow_but_steady_download_within_the_deadline_succeeds(fake, server, monkeypatch):
+    monkeypatch.setattr(nb, 'CHUNK_SIZE', 16)  # many chunks, each checked against the deadline
+    use_mirrors(monkeypatch, server.mirror('good'))
+    assert nb.download('mnist', IMAGES) == FAKE[IMAGES]
+
+def test_connection_cut_short_falls_through(fake, server, serve, monkeypatch, capsys):
+    def answer(handler, stop):  # promises a whole file, sends 10 bytes and hangs up
+        promise(handler, 1000)
+        handler.wfile.write(gzip.compress(FAKE[LABELS])[:10])
+    cut = serve(answer)
+    use_mirrors(monkeypatch, cut, server.mirror('good'))
+    assert nb.download('mnist', LABELS) == FAKE[LABELS]
+    assert 'failed: IncompleteRead(10 bytes read, 990 more expected)' in capsys.readouterr().out
+
+def unwritable_by_permission(monkeypatch, cache):
+    # Tests run as root here, and chmod does not stop root from writing: so the save fails as it
+    # would for a user in a read-only cache, by raising the PermissionError the OS would raise.
+    def refuse(raw, dest): raise PermissionError(13, 'Permission denied', str(dest.parent))
+    monkeypatch.setattr(nb, 'save', refuse)
+
+def unwritable_by_a_file(monkeypatch, cache):
+    # A real OSError even for root: the cache folder's parent is a file, so no folder can be made in it.
+    cache.parent.parent.mkdir(parents=True, exist_ok=True)
+    cache.parent.write_bytes(b'not a folder')
+
+@pytest.mark.parametrize('make_unwritable', [unwritable_by_permission, unwritable_by_a_file])
+def test_unwritable_cache_keeps_the_download(fake, server, monkeypatch, make_unwritable):
+    use_mirrors(monkeypatch, server.mirror('good'))
+    make_unwritable(monkeypatch, fake)
+    with pytest.warns(UserWarning, match=re.escape(str(fake)) + '(.|\n)*EXP_CACHE_DIR'):
+        x_train, y_train, x_valid, y_valid = get_data()
+    assert y_train.tolist() == [5, 0, 4, 1] and torch.equal(x_valid[0], FAKE_IMAGES[4].flatten().float()/255)
+    assert len(server.requests) == 2
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root can write into a read-only folder; see the other unwritable-cache tests')
+def test_read_only_cache_folder(fake, server, monkeypatch):
+    use_mirrors(monkeypatch, server.mirror('good'))
+    fake.mkdir(parents=True)
+    fake.chmod(0o555)
+    try:
+        with pytest.warns(UserWarning, match=re.escape(str(fake))):
+            assert nb.download('mnist', LABELS) == FAKE[LABELS]
+    finally: fake.chmod(0o755)
+
+def test_corrupt_file_in_a_read_only_cache(fake, server, monkeypatch):
+    use_mirrors(monkeypatch, server.mirror('good'))
+    cached = write_gz(fake/f'{LABELS}.gz', b'garbage')
+    unwritable_by_permission(monkeypatch, fake)
+    def refuse(self, missing_ok=False): raise PermissionError(13, 'Permission denied', str(self))
+    monkeypatch.setattr(Path, 'unlink', refuse)  # root could delete it from a read-only folder; a user could not
+    with pytest.warns(UserWarning) as record:
+        assert nb.load_file('mnist', LABELS) == FAKE[LABELS]
+    assert any('could not delete' in str(w.message) for w in record)
+    assert cached.is_file()
+
+def test_failed_save_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    dest = tmp_path/'cache'/'f.gz'
+    dest.parent.mkdir()
+    dest.write_bytes(b'old and good')
+    def disk_full(src, dst): raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(os, 'replace', disk_full)
+    with pytest.raises(OSError, match='No space'): nb.save(b'new', dest)
+    assert dest.read_bytes() == b'old and good'
+    assert [p.name for p in dest.parent.iterdir()] == ['f.gz']  # no temporary file left
+    monkeypatch.undo()
+    nb.save(b'new', dest)
+    assert dest.read_bytes() == b'new' and [p.name for p in dest.parent.iterdir()] == ['f.gz']

@@ -9,7 +9,8 @@ from torch import nn, optim, tensor
 
 from exp.nb_05 import (AvgStats, AvgStatsCallback, Callback, DataBunch, DataLoader, Dataset, Learner,
                        ParamScheduler, Recorder, Runner, Sampler, TrainEvalCallback, accuracy, annealer,
-                       camel2snake, collate, combine_scheds, cos_1cycle_anneal, get_dls, get_model, listify,
+                       camel2snake, collate, combine_scheds, cos_1cycle_anneal, create_learner, get_dls, get_model,
+                       get_model_func, listify,
                        normalize, quick_mode, quick_subset, sched_cos, sched_exp, sched_lin, sched_no, test,
                        test_eq, test_near, test_near_zero)
 
@@ -35,6 +36,14 @@ class EventLog(Callback):
     def __getattr__(self, k):
         if k in EventLog.events: return lambda: self.log.append(k)
         return super().__getattr__(k)
+
+
+# --- statistics before any epoch ----------------------------------------------------------------
+
+def test_avg_stats_repr_and_values_before_any_epoch():
+    stats = AvgStats([accuracy], False)
+    assert repr(stats) == 'valid: [nan, nan]' and all(math.isnan(o) for o in stats.avg_stats)
+    assert stats.count == 0 and stats.all_stats == [0., 0.]
 
 
 # --- test helpers -------------------------------------------------------------------------------
@@ -142,6 +151,15 @@ def test_get_model_and_learner():
     assert isinstance(opt, optim.SGD) and opt.param_groups[0]['lr'] == 0.3
     learn = Learner(model, opt, F.cross_entropy, data)
     assert (learn.model, learn.opt, learn.loss_func, learn.data) == (model, opt, F.cross_entropy, data)
+
+
+def test_create_learner_and_get_model_func_as_in_the_lesson():
+    data = toy_bunch()
+    learn = create_learner(get_model, F.cross_entropy, data)
+    assert isinstance(learn.model, nn.Sequential) and learn.opt.param_groups[0]['lr'] == 0.5
+    assert learn.loss_func is F.cross_entropy and learn.data is data
+    learn = create_learner(get_model_func(0.3), F.cross_entropy, data)
+    assert learn.opt.param_groups[0]['lr'] == 0.3 and learn.model[2].out_features == 3
 
 
 # --- callbacks and the runner --------------------------------------------------------------------
