@@ -257,7 +257,24 @@ def test_callback_dispatch_and_debug_hook():
         def after_fit(self): return None
     cb = Two()
     assert cb('begin_fit') is True and cb('after_fit') is False and cb('after_loss') is False
-    assert isinstance(cb, nb_05.Callback)
+
+
+def test_one_callback_class_tree_without_multiple_inheritance():
+    "05b defines its callbacks afresh, as the lesson does: single inheritance from 05b's own Callback."
+    for cls in (TrainEvalCallback, AvgStatsCallback, Recorder, ParamScheduler, LR_Find, StopOnNanCallback, ProgressCallback):
+        assert cls.__mro__[1:] == (Callback, object), cls
+    assert Callback.__mro__ == (Callback, object) and not issubclass(Callback, nb_05.Callback)
+    assert Runner is not nb_05.Runner and not issubclass(Recorder, nb_05.Recorder)
+
+
+@pytest.mark.parametrize('start_in_train', [True, False])
+def test_lr_find_puts_back_train_or_eval_mode_of_every_module(start_in_train):
+    learn = toy_learner(lr=0.1)
+    learn.model.train(start_in_train)
+    learn.model[0].train(not start_in_train)   # a mixed model: one layer in the other mode
+    modes = [m.training for m in learn.model.modules()]
+    Runner(cb_funcs=partial(LR_Find, max_iter=3)).fit(1, learn)
+    assert [m.training for m in learn.model.modules()] == modes
 
 
 def test_rebased_callbacks_still_work():

@@ -13,7 +13,7 @@ from exp.nb_06 import (ActivationStatsCallback, AvgStatsCallback, BatchTransform
                        Lambda, ListContainer, Recorder, StopOnNanCallback, accuracy, append_stats, children,
                        conv2d, conv_layer, default_device, flatten, get_cnn_layers, get_cnn_model, get_dls,
                        get_hist, get_learn_run, get_min, get_runner, hook_stats, init_cnn, mnist_resize,
-                       mnist_view, normalize_to, view_tfm)
+                       mnist_view, normalize_to, view_tfm, StatsTape, append_hist, append_stats_and_hist)
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU; this machine has none')
 NFS = [4, 8]
@@ -107,22 +107,67 @@ def test_append_stats_values_on_a_known_input():
     h = Hook(lin, append_stats)
     x = torch.tensor([[-1., 0.5, 2., 9.5, 20.]])
     lin(x)
-    means, stds, hists = hook_stats(h)
-    assert torch.allclose(means, x.mean().view(1)) and torch.allclose(stds, x.std().view(1))
-    assert torch.equal(hists[0], x.histc(40, 0, 10))
-    assert hists[0].sum() == 3  # -1 and 20 are outside [0, 10]
+    ms, ss = h.stats   # the lesson's unpacking: means and standard deviations
+    assert torch.allclose(ms[:10], x.mean().view(1)) and torch.allclose(ss[:10], x.std().view(1))
+    assert ms[:10].device.type == 'cpu' and list(ms) == [x.mean()]
     lin.eval(); lin(x)  # not recorded outside training
     assert len(h.stats[0]) == 1
     h.remove()
-    wide = Hook(lin.train(), partial(append_stats, hist_range=(-7, 7), bins=14))
+
+
+def test_append_hist_records_histograms_apart_from_the_stats():
+    lin = nn.Identity()
+    x = torch.tensor([[-1., 0.5, 2., 9.5, 20.]])
+    h = Hook(lin, append_stats_and_hist)
     lin(x)
-    assert torch.equal(wide.stats[2][0], x.histc(14, -7, 7))
+    means, stds, hists = hook_stats(h)
+    assert torch.equal(hists[0], x.histc(40, 0, 10)) and hists[0].sum() == 3  # -1 and 20 are outside [0, 10]
+    assert len(h.stats) == 2 and len(h.hists) == 1
+    wide = Hook(lin, partial(append_hist, hist_range=(-7, 7), bins=14))
+    lin(x)
+    assert torch.equal(wide.hists[0], x.histc(14, -7, 7)) and not hasattr(wide, 'stats')
+
+
+def test_hook_stats_with_no_steps_gives_empty_tensors():
+    h = Hook(nn.Identity(), append_stats)
+    assert [t.shape for t in hook_stats(h)] == [(0,), (0,), (0,)]   # nothing recorded yet: no crash
+    class Bare: pass
+    assert [t.numel() for t in hook_stats(Bare())] == [0, 0, 0]
+
+
+def test_stats_tape_keeps_values_in_one_growing_buffer():
+    tape = StatsTape()
+    for i in range(200): tape.append(torch.tensor(float(i)))
+    assert len(tape) == 200 and torch.equal(tape.values(), torch.arange(200.))
+    assert len(tape.buf) == 256   # doubled from 64: three allocations for 200 values
+    assert tape[-1] == 199 and list(tape[:3]) == [0., 1., 2.]
+    import numpy as np
+    assert np.asarray(tape).shape == (200,)   # so plt.plot(tape) works
+    rows = StatsTape()
+    for i in range(3): rows.append(torch.full((4,), float(i)))
+    assert rows.values().shape == (3, 4)
+
+
+def test_stats_tapes_plot_like_the_lesson():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    lin = nn.Linear(3, 3)
+    with Hooks([lin], append_stats) as hooks:
+        for _ in range(12): lin(torch.randn(5, 3))
+        fig, (ax0, ax1) = plt.subplots(1, 2)
+        for h in hooks:
+            ms, ss = h.stats
+            ax0.plot(ms[:10]); ax1.plot(ss)
+    assert len(ax0.lines[0].get_ydata()) == 10 and len(ax1.lines[0].get_ydata()) == 12
+    plt.close(fig)
 
 
 def test_get_hist_and_get_min_on_a_known_histogram():
     class H: pass
     h = H()
-    h.stats = ([], [], [torch.tensor([2., 2., 4., 2.]), torch.tensor([0., 1., 1., 2.])])
+    h.hists = StatsTape()
+    for row in ([2., 2., 4., 2.], [0., 1., 1., 2.]): h.hists.append(torch.tensor(row))
     hist = get_hist(h)
     assert hist.shape == (4, 2)
     assert torch.allclose(hist[:, 0], torch.tensor([2., 2., 4., 2.]).log1p())
@@ -130,156 +175,78 @@ def test_get_hist_and_get_min_on_a_known_histogram():
     assert torch.allclose(get_min(h, slice(2, 4)), torch.tensor([0.6, 0.75]))
 
 
-def test_hooks_are_removed_after_with_block_and_after_exception():
-    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
-    with Hooks(model, append_stats) as hooks:
-        assert forward_hook_count(model) == 3
-        model(torch.randn(4, 3))
-        assert all(len(h.stats[0]) == 1 for h in hooks)
-    assert forward_hook_count(model) == 0
-    with pytest.raises(ZeroDivisionError):
-        with Hooks(model, append_stats):
-            assert forward_hook_count(model) == 3
-            1 / 0
-    assert forward_hook_count(model) == 0
-
-
-def test_hooks_delitem_and_del_remove_hooks():
-    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
-    hooks = Hooks(model, append_stats)
-    del hooks[0]
-    assert len(model[0]._forward_hooks) == 0 and len(model[2]._forward_hooks) == 1 and len(hooks) == 2
+def test_a_dropped_hook_is_unregistered():
+    lin = nn.Linear(2, 2)
+    h = Hook(lin, append_stats)
+    assert len(lin._forward_hooks) == 1
+    del h   # no remove(): the module must not keep it alive and recording
+    assert len(lin._forward_hooks) == 0
+    hooks = Hooks([lin, lin], append_stats)
+    assert len(lin._forward_hooks) == 2
     del hooks
+    assert len(lin._forward_hooks) == 0
+
+
+def test_a_half_built_hooks_leaves_nothing_registered():
+    lin = nn.Linear(2, 2)
+    with pytest.raises(AttributeError):
+        Hooks([lin, lin, 'not a module'], append_stats)
     gc.collect()
-    assert forward_hook_count(model) == 0
+    assert len(lin._forward_hooks) == 0
 
 
-def test_list_container_indexing():
-    lc = ListContainer(list('abcdef'))
-    assert lc[1] == 'b' and lc[1:3] == ['b', 'c'] and lc[[0, 5]] == ['a', 'f']
-    assert lc[[True, False, True, False, False, True]] == ['a', 'c', 'f']
-    assert lc[torch.tensor([True, False, True, False, False, True])] == ['a', 'c', 'f']
-    assert lc[torch.tensor([2, 3])] == ['c', 'd']
-    assert len(lc) == 6 and list(lc) == list('abcdef')
-    lc[0] = 'z'; del lc[1]
-    assert list(lc) == list('zcdef')
-    with pytest.raises(IndexError, match='boolean mask of length 2 for a ListContainer of 5 items'): lc[[True, False]]
-    assert repr(ListContainer(range(3))) == 'ListContainer (3 items)\n[0, 1, 2]'
-    assert repr(ListContainer(range(20))).endswith('...]')
+def test_hook_and_hooks_removal_is_idempotent():
+    lin = nn.Linear(2, 2)
+    h = Hook(lin, append_stats)
+    h.remove(); h.remove()
+    hooks = Hooks([lin], append_stats)
+    hooks.remove(); hooks.remove()
+    del hooks[0]
+    assert len(lin._forward_hooks) == 0 and len(hooks) == 0
 
 
-def test_children():
-    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 2)))
-    assert children(model) == [model[0], model[1]]
+def test_telemetry_memory_stays_flat_over_400_steps():
+    "One small tensor kept per step fragmented the heap: 663 MB of growth over these 400 steps before StatsTape."
+    import os
+    if not os.path.exists('/proc/self/statm'): pytest.skip('needs /proc to read the resident memory')
+    def rss_mb(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256 * 25, 784, generator=g), torch.randint(0, 10, (256 * 25,), generator=g)
+    data = DataBunch(*get_dls(Dataset(x, y), Dataset(x[:256], y[:256]), 256), c=10)
+    seen = []
+    class Memory(Callback):
+        def after_batch(self):
+            if self.in_train and self.n_iter in (50, 450): seen.append(rss_mb())
+    learn, run = get_learn_run([8, 16], data, 0.1, conv_layer,
+                               cbs=[partial(BatchTransformXCallback, mnist_view), ActivationStatsCallback, Memory])
+    run.fit(19, learn)   # 25 steps per epoch: 475 steps
+    assert len(run.activation_stats.hooks[0].stats[0]) == 475
+    assert seen[1] - seen[0] < 100, f'memory grew by {seen[1] - seen[0]:.0f} MB over 400 steps'
 
 
-# --- runners and callbacks -----------------------------------------------------------------------
-
-def cbfs(): return [Recorder, partial(AvgStatsCallback, accuracy), DeviceCallback, partial(BatchTransformXCallback, mnist_view)]
-
-
-def test_get_runner_includes_nan_guard_and_accepts_instances():
-    data = image_bunch()
-    model = get_cnn_model(data, NFS, conv2d)
-    rec = Recorder()
-    learn, run = get_runner(model, data, lr=0.3, cbs=[rec, partial(AvgStatsCallback, accuracy)])
-    assert run.recorder is rec and isinstance(run.stop_on_nan, StopOnNanCallback)
-    assert learn.opt.param_groups[0]['lr'] == 0.3 and learn.loss_func is F.cross_entropy
-    _, run = get_runner(model, data, stop_on_nan=False)
-    assert not any(isinstance(cb, StopOnNanCallback) for cb in run.cbs)
-
-
-def test_get_learn_run_trains_a_cnn():
+def test_init_cnn_reaches_nested_convolutions_without_bias():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.BatchNorm2d(4)),
+                          nn.Sequential(nn.Sequential(nn.Conv2d(4, 8, 3)), nn.ReLU()))
+    nn.init.constant_(model[1][0][0].bias, 1.)
     torch.manual_seed(0)
-    x = torch.zeros(200, 784); y = torch.arange(200) % 2
-    x[y == 1, :392] = 1.  # class 1: the top half of the image is bright
-    data = DataBunch(*get_dls(Dataset(x[:160], y[:160]), Dataset(x[160:], y[160:]), 16), c=2)
-    learn, run = get_learn_run(NFS, data, 0.3, conv_layer, cbs=cbfs(), leak=0.1, sub=0.4, maxv=6.)
-    run.fit(3, learn)
-    assert run.avg_stats.valid_stats.avg_stats[1] == 1.0
+    init_cnn(model)
+    inner = model[1][0][0]
+    fan_in = 4 * 9
+    assert inner.weight.std().item() == pytest.approx(math.sqrt(2 / 1.01) / math.sqrt(fan_in), rel=0.15)
+    assert torch.count_nonzero(inner.bias) == 0
 
 
-def test_device_callback_moves_model_and_batches_to_the_cpu():
+def test_get_learn_run_takes_an_init_function():
     data = image_bunch()
-    seen = []
-    class Watch(Callback):
-        _order = 3
-        def begin_batch(self): seen.append((self.xb.device, self.yb.device, self.xb.shape[1:]))
-    model = get_cnn_model(data, NFS, conv2d)
-    learn, run = get_runner(model, data, cbs=[partial(DeviceCallback, 'cpu'), partial(BatchTransformXCallback, mnist_view), Watch])
-    run.fit(1, learn)
-    assert isinstance(run.device, DeviceCallback) and run.device.device == torch.device('cpu')
-    assert all(d1.type == 'cpu' and d2.type == 'cpu' and s == (1, 28, 28) for d1, d2, s in seen) and len(seen) == 5 + 2
-    assert DeviceCallback().device == default_device()
+    calls = []
+    learn, run = get_learn_run(NFS, data, 0.1, conv_layer, init=lambda m: calls.append(m) or nn.init.zeros_(m[0][0].weight))
+    assert calls == [learn.model] and torch.count_nonzero(learn.model[0][0].weight) == 0
 
 
-def test_cuda_callback_without_gpu_gives_a_clear_error():
-    if torch.cuda.is_available(): pytest.skip('this machine has a GPU')
-    with pytest.raises(RuntimeError, match='no CUDA device.*DeviceCallback'): CudaCallback()
-
-
-@cuda_only
-def test_device_callback_moves_model_and_batches_to_cuda():
+def test_get_runner_takes_callbacks_made_and_to_make():
     data = image_bunch()
-    seen = []
-    class Watch(Callback):
-        _order = 3
-        def begin_batch(self): seen.append(self.xb.device.type)
-    model = get_cnn_model(data, NFS, conv2d)
-    learn, run = get_runner(model, data, cbs=[CudaCallback, partial(BatchTransformXCallback, mnist_view), Watch])
-    run.fit(1, learn)
-    assert next(model.parameters()).device.type == 'cuda' and set(seen) == {'cuda'}
-
-
-# --- telemetry callback --------------------------------------------------------------------------
-
-def test_activation_stats_callback_records_and_leaves_no_hooks():
-    data = image_bunch(n_train=40, bs=8)  # 5 training steps per epoch
-    model = get_cnn_model(data, NFS, conv_layer)
-    learn, run = get_runner(model, data, cbs=cbfs() + [ActivationStatsCallback])
-    run.fit(2, learn)
-    hooks = run.activation_stats.hooks
-    assert len(hooks) == len(children(model))
-    assert all(len(h.stats[0]) == 10 and len(h.stats[2]) == 10 for h in hooks)
-    assert forward_hook_count(model) == 0
-
-
-def test_twenty_fits_with_telemetry_leave_no_hooks_and_no_growing_state():
-    data = image_bunch(n_train=16, n_valid=8, bs=8)  # 2 training steps per epoch
-    model = get_cnn_model(data, NFS, conv_layer)
-    telemetry = ActivationStatsCallback(modules=lambda m: children(m)[:2])
-    learn, run = get_runner(model, data, cbs=cbfs() + [telemetry])
-    for _ in range(20):
-        run.fit(1, learn)
-        assert forward_hook_count(model) == 0
-        assert len(telemetry.hooks) == 2 and all(len(h.stats[0]) == 2 for h in telemetry.hooks)
-
-
-def test_telemetry_hooks_removed_when_training_is_cancelled_or_fails():
-    data = image_bunch()
-    class Boom(Callback):
-        def __init__(self, exc): self.exc = exc
-        def after_step(self): raise self.exc
-    for exc in (CancelTrainException(), ValueError('boom')):
-        model = get_cnn_model(data, NFS, conv_layer)
-        learn, run = get_runner(model, data, cbs=cbfs() + [ActivationStatsCallback, partial(Boom, exc)])
-        if isinstance(exc, ValueError):
-            with pytest.raises(ValueError, match='boom'): run.fit(1, learn)
-        else:
-            run.fit(1, learn)
-        assert forward_hook_count(model) == 0
-        assert len(run.activation_stats.hooks[0].stats[0]) == 1
-
-
-def test_telemetry_makes_no_per_batch_cpu_copy(monkeypatch):
-    "The statistics stay where the activations are: no `.cpu()` / `.item()` while training."
-    data = image_bunch()
-    model = get_cnn_model(data, NFS, conv_layer)
-    learn, run = get_runner(model, data, cbs=[partial(BatchTransformXCallback, mnist_view), ActivationStatsCallback],
-                            stop_on_nan=False)
-    def forbidden(*args, **kwargs): raise AssertionError('host transfer during training')
-    monkeypatch.setattr(torch.Tensor, 'cpu', forbidden)
-    monkeypatch.setattr(torch.Tensor, 'item', forbidden)
-    run.fit(1, learn)
-    monkeypatch.undo()
-    assert len(run.activation_stats.hooks[0].stats[0]) == 5
+    made = Recorder()
+    learn, run = get_runner(get_cnn_model(data, NFS, conv2d), data,
+                            cbs=[made, partial(BatchTransformXCallback, mnist_view), AvgStatsCallback([accuracy])])
+    assert run.recorder is made and isinstance(run.batch_transform_x, BatchTransformXCallback)
+    assert isinstance(run.avg_stats, AvgStatsCallback) and isinstance(run.stop_on_nan, StopOnNanCallback)
