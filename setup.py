@@ -10,6 +10,6 @@ setup(
     license='Apache-2.0',
     packages=['exp'],
     python_requires='>=3.10',
-    install_requires=['torch', 'matplotlib', 'tqdm'],
+    install_requires=['torch', 'matplotlib', 'tqdm', 'nbformat'],
     extras_require={'jupyter': jupyter, 'test': jupyter + ['pytest']},
 )

@@ -15,12 +15,13 @@ peak `lr = 0.4 * (bs/2)**0.25` (0.4, 0.57, 0.8 and 1.6 for batches of 2, 8, 32 a
 size 2 and about its 1.0 at 32), warming up along a cosine from lr/10 over the first 25% of the steps, then annealing
 along a cosine to lr/20. Accuracy on the 10,000 validation images, the model in evaluation mode.
 """
-import argparse, datetime, json, math, os, platform, sys, tempfile, time
+import argparse, datetime, json, math, os, platform, sys, time
 from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from notebook2script import write_atomic  # temporary file + os.replace: an interrupted study never leaves half a file
 
 DATASETS = ('mnist', 'fashion-mnist')
 NORMS = ('none', 'BatchNorm', 'LayerNorm', 'InstanceNorm', 'GroupNorm', 'RunningBatchNorm')
@@ -103,13 +104,6 @@ def StopAfter(n):
     return _StopAfter()
 
 def key(r): return f"{r['dataset']}/{r['norm']}/bs{r['bs']}/seed{r['seed']}"
-
-def write_atomic(path, text):
-    "Write `text` to `path` through a temporary file and a rename, so an interrupted study never leaves half a file."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False, suffix='.tmp') as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 def table(results):
     "The markdown table: one block per dataset, norms by batch sizes, mean accuracy over the seeds (and their range)."

@@ -1,7 +1,11 @@
 """Tests of run_notebooks.py on tiny synthetic notebooks in a throwaway project (real kernels, no data)."""
 import json
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -84,6 +88,32 @@ def test_bad_arguments_exit_2(proj):
     assert rn.main(["--nbs", str(proj / "missing"), "--no-export"]) == 2
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--timeout", "0"], "argument --timeout: must be a positive number of seconds, got 0"),
+    (["--timeout", "-1.5"], "argument --timeout: must be a positive number of seconds, got -1.5"),
+    (["--timeout", "nan"], "argument --timeout: must be a positive number of seconds, got nan"),
+    (["--timeout", "soon"], "argument --timeout: not a number of seconds: 'soon'"),
+    (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["--threads", "-2"], "argument --threads: must be at least 1, got -2"),
+    (["--threads", "1.5"], "argument --threads: not a whole number: '1.5'"),
+])
+def test_bad_timeout_or_threads_is_a_one_line_error_exit_2(proj, capsys, args, message):
+    write_nb(proj / "nbs", "01_a.ipynb", code("open('ran', 'w')"))
+    with pytest.raises(SystemExit) as e: rn.main(["--nbs", str(proj / "nbs"), "--no-export", *args])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"run_notebooks.py: {message} (see --help)\n"
+    assert not (proj / "nbs" / "ran").exists()
+
+
+def test_help_describes_timeout_and_threads(capsys):
+    with pytest.raises(SystemExit) as e: rn.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a fraction is rounded up to whole seconds" in text
+    assert ("--threads N torch intra-op threads per kernel, >= 1: sets OMP_NUM_THREADS, MKL_NUM_THREADS "
+            "and EXP_TORCH_THREADS in the kernels (default: 1 with --quick, else torch's own default)") in text
+
+
 # --- running --------------------------------------------------------------------------------------
 
 def test_success_runs_in_order_in_place_with_outputs(proj, capsys):
@@ -102,7 +132,7 @@ def test_success_runs_in_order_in_place_with_outputs(proj, capsys):
     assert codes[2].outputs[0]["data"]["text/plain"] == "43"
     assert outputs_text(nbs / "02_second.ipynb") == ["second\n"]
     out = capsys.readouterr().out
-    assert "[01] cell 2/4  open('order.txt', 'a').write('01 ')" in out and "[01] cell 4/4  x + 1" in out
+    assert "[01] cell 1  open('order.txt', 'a').write('01 ')" in out and "[01] cell 3  x + 1" in out
     assert "01_first" in out.split("Summary:")[1] and "ok" in out.split("Summary:")[1]
     assert not list(nbs.glob(".*")) and not (nbs / "failed").exists()  # no temp files left
 
@@ -117,14 +147,14 @@ def test_failing_cell_stops_the_run_and_keeps_the_good_notebook(proj, capsys):
     assert run_cli(proj) == 1
     out = capsys.readouterr().out
     report = out[out.index("FAILED: 02_bad.ipynb"):]
-    assert "FAILED: 02_bad.ipynb, cell 3 of 4 (In [2]):" in report
+    assert "FAILED: 02_bad.ipynb, cell 2 (counting from 0; In [2]):" in report
     assert "    # the failing cell\n    z = y / 0" in report
     assert "ZeroDivisionError: division by zero" in report
     assert "failed/02_bad.ipynb" in report
     assert bad.read_bytes() == bad_before and after.read_bytes() == after_before  # untouched
     assert not (nbs / "ran03").exists()  # the run stopped
     summary = out.split("Summary:")[1]
-    assert "FAILED at cell 3" in summary and "03_after" in summary and "not run" in summary
+    assert "FAILED at cell 2" in summary and "03_after" in summary and "not run" in summary
     failed = nbformat.read(str(nbs / "failed" / "02_bad.ipynb"), as_version=4)
     errors = [o for c in failed.cells if c.cell_type == "code" for o in c.outputs if o["output_type"] == "error"]
     assert [(e["ename"], e["evalue"]) for e in errors] == [("ZeroDivisionError", "division by zero")]
@@ -134,6 +164,103 @@ def test_failing_cell_stops_the_run_and_keeps_the_good_notebook(proj, capsys):
     write_nb(nbs, "02_bad.ipynb", code("print('fixed')"))
     assert run_cli(proj, "02") == 0
     assert outputs_text(nbs / "02_bad.ipynb") == ["fixed\n"] and not (nbs / "failed" / "02_bad.ipynb").exists()
+
+
+def test_fractional_timeout_is_rounded_up_to_whole_seconds(proj, capsys):
+    write_nb(proj / "nbs", "01_slow.ipynb", code("import time\ntime.sleep(30)"))
+    start = time.perf_counter()
+    assert rn.main(["--nbs", str(proj / "nbs"), "--no-export", "--timeout", "1.5"]) == 1
+    assert time.perf_counter() - start < 25
+    out = capsys.readouterr().out
+    assert "FAILED: 01_slow.ipynb, cell 0 (counting from 0" in out
+    assert "CellTimeoutError: the cell did not finish in 2 s (see --timeout)" in out
+
+
+def test_failure_report_numbers_cells_as_the_exporter_does(proj, capsys):
+    """The failing cell's number in the report is the one exp/'s '# %%' lines give it."""
+    shutil.copy(ROOT / "notebook2script.py", proj / "notebook2script.py")
+    write_nb(proj / "nbs", "01_lib.ipynb", md("# Lib"),
+             code("#export\ndef boom():\n    raise RuntimeError('boom')"), md("Now call it:"),
+             code("from exp.nb_01 import boom\nboom()"))
+    assert run_cli(proj, export=True) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: 01_lib.ipynb, cell 3 (counting from 0; In [2]):" in out
+    assert "RuntimeError: boom" in out.split("FAILED:")[1]
+    lines = (proj / "exp" / "nb_01.py").read_text().splitlines()
+    lineno = int(re.findall(r"nb_01\.py:(\d+)", out)[-1])  # the traceback's line in exp/nb_01.py
+    assert lines[lineno - 1] == "    raise RuntimeError('boom')"
+    assert [l for l in lines[:lineno] if l.startswith("# %% ")][-1] == "# %% nbs/01_lib.ipynb cell 1"
+
+
+PRINT_THREADS = ("import os, torch\n"
+                 "print(torch.get_num_threads(), *(os.environ.get(v) for v in "
+                 "('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'EXP_TORCH_THREADS')))")
+
+
+def test_threads_set_torch_threads_in_the_kernels(proj, monkeypatch):
+    """--threads 1 (torch takes OMP_NUM_THREADS up to the number of cores, so 1 works anywhere)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "EXP_TORCH_THREADS"): monkeypatch.delenv(var, raising=False)
+    src = write_nb(proj / "nbs", "01_t.ipynb", code(PRINT_THREADS))
+    assert run_cli(proj, "--threads", "1") == 0
+    assert outputs_text(src) == ["1 1 1 1\n"]
+    assert rn.kernel_env(proj, False, 12)["EXP_TORCH_THREADS"] == "12"
+
+
+def test_without_threads_the_thread_variables_pass_through(proj, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for var in ("MKL_NUM_THREADS", "EXP_TORCH_THREADS"): monkeypatch.delenv(var, raising=False)
+    src = write_nb(proj / "nbs", "01_t.ipynb", code(PRINT_THREADS))
+    assert run_cli(proj) == 0
+    assert outputs_text(src) == ["1 1 None None\n"]
+
+
+def alive(pid):
+    """Whether process `pid` exists and is not a zombie."""
+    try: stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError: return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_for(condition, seconds):
+    """Poll `condition` until it is true or `seconds` pass; its last value."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline: time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupt_prints_the_summary_and_exits_130(proj, sig):
+    nbs = proj / "nbs"
+    write_nb(nbs, "01_done.ipynb", code("print('one')"))
+    busy = write_nb(nbs, "02_busy.ipynb", md("busy"),
+                    code("import os, time\nopen('busy.pid', 'w').write(str(os.getpid()))"),
+                    code("time.sleep(120)"))
+    later = write_nb(nbs, "03_later.ipynb", code("open('ran03', 'w')"))
+    busy_before, later_before = busy.read_bytes(), later.read_bytes()
+    child = subprocess.Popen([sys.executable, str(ROOT / "run_notebooks.py"), "--nbs", str(nbs), "--no-export"],
+                             cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: (nbs / "busy.pid").exists() or child.poll() is not None, 120)
+        time.sleep(1)  # the sleeping cell runs
+        assert child.poll() is None
+        child.send_signal(sig)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None: child.kill(); child.wait()
+    assert child.returncode == 130, err
+    rows = [line.split(None, 2) for line in out.split("Summary:")[1].splitlines()[1:4]]
+    assert [(r[0], r[-1]) for r in rows] == [
+        ("01_done", "ok"), ("02_busy", "interrupted (left as it was)"), ("03_later", "run")]
+    assert rows[2] == ["03_later", "not", "run"] and float(rows[1][1].rstrip("s")) >= 1
+    assert err.splitlines()[-1] == (f"run_notebooks.py: interrupted by {sig.name}; "
+                                    "a notebook interrupted while running was not written")
+    assert "Traceback" not in err
+    assert outputs_text(nbs / "01_done.ipynb") == ["one\n"]
+    assert busy.read_bytes() == busy_before and later.read_bytes() == later_before
+    assert not (nbs / "ran03").exists() and not (nbs / "failed").exists()
+    assert not list(nbs.glob(".*"))  # no temporary file
+    kernel = int((nbs / "busy.pid").read_text())
+    assert wait_for(lambda: not alive(kernel), 20), "the kernel was not shut down"
 
 
 def test_cell_tagged_raises_exception_may_raise(proj):
@@ -148,7 +275,8 @@ def test_timeout_fails_the_cell(proj, capsys):
     write_nb(proj / "nbs", "01_slow.ipynb", code("import time\ntime.sleep(30)"))
     assert rn.main(["--nbs", str(proj / "nbs"), "--no-export", "--timeout", "2"]) == 1
     out = capsys.readouterr().out
-    assert "FAILED: 01_slow.ipynb, cell 1 of 1" in out and "CellTimeoutError" in out and "2" in out
+    assert "FAILED: 01_slow.ipynb, cell 0 (counting from 0" in out
+    assert "CellTimeoutError: the cell did not finish in 2 s (see --timeout)" in out
 
 
 def test_results_are_collected_into_the_summary(proj, capsys):
@@ -274,7 +402,7 @@ def test_failure_report_shows_the_first_lines():
                          failure=rn.CellFailure(12, 40, "\n".join(f"line{i}" for i in range(9)),
                                                 "KeyError", "'k'", execution_count=7))
     report = rn.failure_report(run)
-    assert report.splitlines()[0] == "FAILED: 06_x.ipynb, cell 12 of 40 (In [7]):"
+    assert report.splitlines()[0] == "FAILED: 06_x.ipynb, cell 12 (counting from 0; In [7]):"
     assert "    line4\n    ..." in report and "line5" not in report and "  KeyError: 'k'" in report
 
 
@@ -296,3 +424,12 @@ def test_kernel_that_does_not_start_is_a_reported_failure(proj, capsys, monkeypa
     out = capsys.readouterr().out
     assert "FAILED: 01_a.ipynb, before any cell ran:" in out and "no-such-kernel kernel did not start" in out
     assert (proj / "nbs" / "failed" / "01_a.ipynb").is_file()
+
+
+def test_a_quick_run_uses_one_thread_unless_told_otherwise(proj, monkeypatch):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "EXP_TORCH_THREADS"): monkeypatch.delenv(var, raising=False)
+    write_nb(proj / "nbs", "01_t.ipynb", code(PRINT_THREADS))
+    assert run_cli(proj, "--quick") == 0
+    assert outputs_text(proj / "nbs" / "quick" / "01_t.ipynb") == ["1 1 1 1\n"]
+    env = rn.kernel_env(proj, True, 2)
+    assert env["EXP_TORCH_THREADS"] == "2" and rn.QUICK_THREADS == 1
