@@ -54,3 +54,17 @@ def test_quick_mode_and_subset(monkeypatch, value, quick):
     data = torch.zeros(10, 4), torch.arange(10), torch.ones(5, 4), torch.arange(5)
     sizes = [len(t) for t in quick_subset(*data, n_train=3, n_valid=2)]
     assert sizes == ([3, 3, 2, 2] if quick else [10, 10, 5, 5])
+
+
+def test_torch_threads_sets_and_restores_the_number_of_threads():
+    import torch
+    from exp.nb_00 import torch_threads
+    before = torch.get_num_threads()
+    with torch_threads(1): assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ZeroDivisionError):
+        with torch_threads(1): 1 / 0
+    assert torch.get_num_threads() == before   # put back after an error too
+    for bad in (0, -1, 1.5, '2'):
+        with pytest.raises(ValueError, match='torch_threads: n must be an integer >= 1'):
+            with torch_threads(bad): pass
