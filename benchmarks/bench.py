@@ -176,7 +176,7 @@ def quick_run(repeats):
     total = statistics.median(totals)
     return rows + [(f'quick run: all {len(paths)} notebooks / the 10-minute budget', total, 600., total / 600)]
 
-# --- RunningBatchNorm against nn.BatchNorm2d, our BatchNorm and the lesson's version ------------------
+# --- RunningBatchNorm (plain and fast) and the lesson's version against nn.BatchNorm2d ---------------
 
 class LessonRunningBatchNorm(torch.nn.Module):
     "The lesson's RunningBatchNorm as it was shown (07_batchnorm), kept here as the reference to beat."
@@ -234,9 +234,9 @@ def norm_cnn(norm, nfs=(8, 16, 32, 32)):
 
 @section
 def running_batchnorm(repeats):
-    "Training steps (forward, backward, SGD) of the lesson's CNN on MNIST-shaped batches, with each norm layer."
+    "Training steps (forward, backward, SGD) of the lesson's CNN on MNIST-shaped batches: each RunningBatchNorm against nn.BatchNorm2d."
     import torch.nn.functional as F
-    from exp.nb_07 import BatchNorm, RunningBatchNorm
+    from exp.nb_07 import FastRunningBatchNorm, RunningBatchNorm
     def steps(norm, bs, n):
         torch.manual_seed(0)
         model = norm_cnn(norm)
@@ -246,22 +246,22 @@ def running_batchnorm(repeats):
             for _ in range(n):
                 F.cross_entropy(model(x), y).backward(); opt.step(); opt.zero_grad()
         return run
+    norms = {'RunningBatchNorm': RunningBatchNorm, 'FastRunningBatchNorm': FastRunningBatchNorm,
+             "the lesson's RunningBatchNorm": LessonRunningBatchNorm}
     rows = []
     for bs, n in ((2, 100), (32, 30), (512, 3)):
-        # the same computation, or the comparison means nothing: one step of ours and of the lesson's
+        # the same computation, or the comparison means nothing: one step of each against the lesson's
         torch.manual_seed(1)
         x = torch.randn(bs, 1, 28, 28)
-        ours, lesson = norm_cnn(RunningBatchNorm), norm_cnn(LessonRunningBatchNorm)
-        theirs = lesson.state_dict()  # same weights; the lesson's mults and adds are (nf, 1, 1), ours (1, nf, 1, 1)
-        lesson.load_state_dict({k: v.reshape(theirs[k].shape) for k, v in ours.state_dict().items() if k in theirs}, strict=False)
-        if not torch.allclose(ours(x), lesson(x), rtol=1e-4, atol=1e-5):
-            raise AssertionError(f'running_batchnorm: ours and the lesson\'s RunningBatchNorm differ at bs={bs}')
-        rows.append((f'{n} training steps of the CNN, bs={bs}: RunningBatchNorm / nn.BatchNorm2d',
-                     *compare(steps(RunningBatchNorm, bs, n), steps(torch.nn.BatchNorm2d, bs, n), repeats)))
-        rows.append((f'{n} training steps of the CNN, bs={bs}: RunningBatchNorm / our BatchNorm',
-                     *compare(steps(RunningBatchNorm, bs, n), steps(BatchNorm, bs, n), repeats)))
-        rows.append((f"{n} training steps of the CNN, bs={bs}: the lesson's RunningBatchNorm / nn.BatchNorm2d",
-                     *compare(steps(LessonRunningBatchNorm, bs, n), steps(torch.nn.BatchNorm2d, bs, n), repeats)))
+        for name in ('RunningBatchNorm', 'FastRunningBatchNorm'):
+            ours, lesson = norm_cnn(norms[name]), norm_cnn(LessonRunningBatchNorm)
+            theirs = lesson.state_dict()  # same weights; the lesson's mults and adds are (nf, 1, 1), ours (1, nf, 1, 1)
+            lesson.load_state_dict({k: v.reshape(theirs[k].shape) for k, v in ours.state_dict().items() if k in theirs}, strict=False)
+            if not torch.allclose(ours(x), lesson(x), rtol=1e-4, atol=1e-5):
+                raise AssertionError(f"running_batchnorm: {name} and the lesson's RunningBatchNorm differ at bs={bs}")
+        for name, norm in norms.items():
+            rows.append((f'{n} training steps of the CNN, bs={bs}: {name} / nn.BatchNorm2d',
+                         *compare(steps(norm, bs, n), steps(torch.nn.BatchNorm2d, bs, n), repeats)))
     return rows
 
 def main(argv=None):

@@ -1,18 +1,24 @@
 """Behaviour of nb_07's norm layers: equal to PyTorch's own, and RunningBatchNorm against a reference."""
+import ast
 import copy
+import inspect
 import math
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exp.nb_07 import (AvgStatsCallback, BatchNorm, BatchTransformXCallback, DataBunch, Dataset, GeneralRelu, GroupNorm,
-                       InstanceNorm, LayerNorm, RunningBatchNorm, accuracy, conv_layer, get_dls,
-                       get_learn_run, init_cnn, init_cnn_, mnist_view)
+import exp.nb_06 as nb_06
+import exp.nb_07 as nb_07
+from exp.nb_07 import (AvgStatsCallback, BatchNorm, BatchTransformXCallback, DataBunch, Dataset, FastRunningBatchNorm,
+                       GeneralRelu, GroupNorm, InstanceNorm, LayerNorm, RunningBatchNorm, accuracy, conv_layer, get_dls,
+                       get_learn_run, init_cnn, mnist_view)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU; this machine has none')
+RBNS = pytest.mark.parametrize('RBN', [RunningBatchNorm, FastRunningBatchNorm])
 
 
 def randomise_(m, seed=0):
@@ -119,12 +125,18 @@ def test_groupnorm_rejects_channels_that_do_not_split():
     with pytest.raises(ValueError, match='5 channels'): GroupNorm(2, 5)
 
 
+@pytest.mark.parametrize('groups', [0, -2, 3])
+def test_groupnorm_rejects_zero_negative_and_non_dividing_groups_clearly(groups):
+    with pytest.raises(ValueError, match=rf'8 channels do not split into {groups} groups.*one of \[1, 2, 4, 8\]'):
+        GroupNorm(groups, 8)
+
+
 # --- RunningBatchNorm against a reference written step by step --------------------------------------
 
 class ReferenceRBN:
     """RunningBatchNorm written out as in the lesson: EWMAs of the sums, the sums of squares and the counts,
     each started at zero and debiased, the momenta, counts and debias factor in Python floats. Gradients
-    flow through the current batch's sums only."""
+    flow through the current batch's sums only. Run in float64, where E[x^2] - E[x]^2 is exact enough."""
     def __init__(self, mults, adds, mom=0.1, eps=1e-5):
         self.mults, self.adds, self.mom, self.eps = mults, adds, mom, eps
         nf = mults.shape[1]
@@ -149,34 +161,115 @@ class ReferenceRBN:
         return (x - mean) / (var + self.eps).sqrt() * self.mults + self.adds
 
 
+def reference_for(rbn):
+    "A float64 `ReferenceRBN` with the parameters of `rbn` (and its own leaf copies of them)."
+    mults, adds = rbn.mults.detach().double().requires_grad_(), rbn.adds.detach().double().requires_grad_()
+    return ReferenceRBN(mults, adds, mom=rbn.mom, eps=rbn.eps)
+
+
+def step_both(rbn, ref, x, training, seed, dtype=torch.float32):
+    "One step of `rbn` (in `dtype`) and of `ref` (in float64) on `x`: their outputs and gradients, as float64."
+    rbn.train(training)
+    x64 = x.double().requires_grad_()
+    y_ref = ref(x64, training)
+    g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads_ref = torch.autograd.grad(y_ref, [x64, ref.mults, ref.adds], g)
+    x = x.to(dtype).requires_grad_()
+    y = rbn(x)
+    grads = torch.autograd.grad(y, [x, rbn.mults, rbn.adds], g.to(dtype))
+    return (y.double(), *(t.double() for t in grads)), (y_ref.detach(), *grads_ref)
+
+
+@RBNS
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-8), (torch.float32, 1e-4)])
-def test_running_batchnorm_matches_reference_over_50_steps(dtype, tol):
-    rbn = randomise_(RunningBatchNorm(3, mom=0.1)).to(dtype)
-    ref_mults = rbn.mults.detach().double().requires_grad_()
-    ref_adds = rbn.adds.detach().double().requires_grad_()
-    ref = ReferenceRBN(ref_mults, ref_adds)
+def test_running_batchnorm_matches_reference_over_50_steps(RBN, dtype, tol):
+    rbn = randomise_(RBN(3, mom=0.1)).to(dtype)
+    ref = reference_for(rbn)
     sizes = [1, 2, 5, 1, 3, 32, 2, 7] * 7
     for step, bs in enumerate(sizes[:50]):
         training = step % 10 != 9 and step != 0  # an evaluation every tenth step, and before any training
-        rbn.train(training)
         x = batch((bs, 3, 4, 5), seed=step) * (1 + step % 3) + step % 4
         if step < 3: x = x * 0.01  # variances below the early clamp's 0.01
-        x64 = x.double().requires_grad_()
-        y_ref = ref(x64, training)
-        g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
-        grads_ref = torch.autograd.grad(y_ref, [x64, ref_mults, ref_adds], g)
-        x = x.to(dtype).requires_grad_()
-        y = rbn(x)
-        grads = torch.autograd.grad(y, [x, rbn.mults, rbn.adds], g.to(dtype))
-        assert_close(y.double(), y_ref.detach(), tol)
-        for a, e in zip(grads, grads_ref): assert_close(a.double(), e, tol)
+        ours, theirs = step_both(rbn, ref, x, training, step, dtype)
+        for a, e in zip(ours, theirs): assert_close(a, e, tol)
     assert rbn.batch == sum(bs for i, bs in enumerate(sizes[:50]) if i % 10 != 9 and i != 0)
     torch.testing.assert_close(rbn.count / ref.dbias, ref.count / ref.dbias, rtol=1e-12, atol=0)
 
 
-def test_running_batchnorm_gradients_pass_gradcheck():
-    "The hand-written backward against finite differences, with and without the early variance clamp."
-    rbn = randomise_(RunningBatchNorm(2)).double()
+@RBNS
+def test_running_batchnorm_is_exact_far_from_zero(RBN):
+    "Mean 3000, std 1: E[x^2] - E[x]^2 in float32 loses the variance (once NaN); ours matches float64 in training and eval."
+    rbn = randomise_(RBN(4))
+    ref = reference_for(rbn)
+    for step, bs in enumerate([2, 8, 1, 32, 4, 16, 3, 8]):
+        x = batch((bs, 4, 5, 5), seed=step) / 3 + 3000  # batch() has std 3: std 1 here
+        for training in (True, False):
+            ours, theirs = step_both(rbn, ref, x, training, step)
+            assert all(torch.isfinite(t).all() for t in ours)
+            for a, e in zip(ours, theirs): assert_close(a, e, 2e-3)
+    torch.testing.assert_close(rbn.vars.flatten().double(), (ref.sqrs / ref.count - (ref.sums / ref.count) ** 2).flatten(),
+                               rtol=1e-3, atol=0)
+
+
+@RBNS
+@pytest.mark.parametrize('bad', ['x + 1e20', 'x * 1e20', 'x * inf', 'x * nan'])
+def test_running_batchnorm_state_survives_a_non_finite_batch(RBN, bad):
+    "A batch whose statistics overflow (or hold inf or NaN) leaves the running statistics as they were."
+    rbn = RBN(4)
+    for step in range(3): rbn(batch(seed=step))
+    means, vars = rbn.means.clone(), rbn.vars.clone()
+    rbn(eval(bad, {'x': batch(seed=3), 'inf': math.inf, 'nan': math.nan}))
+    assert torch.equal(rbn.means, means) and torch.equal(rbn.vars, vars)
+    for step in range(4, 8):
+        rbn.train(step % 2 == 0)
+        assert torch.isfinite(rbn(batch(seed=step))).all()
+    assert torch.isfinite(rbn.means).all() and torch.isfinite(rbn.vars).all()
+    assert not torch.equal(rbn.means, means)  # and later batches still move them
+
+
+@RBNS
+def test_running_batchnorm_keeps_the_other_channels_when_one_is_not_finite(RBN):
+    rbn = RBN(4)
+    rbn(batch(seed=0))
+    means, vars = rbn.means.clone(), rbn.vars.clone()
+    x = batch(seed=1)
+    x[0, 2, 0, 0] = float('nan')
+    y = rbn(x)
+    assert torch.isfinite(y[:, [0, 1, 3]]).all()
+    assert torch.equal(rbn.means[:, 2], means[:, 2]) and torch.equal(rbn.vars[:, 2], vars[:, 2])
+    assert not torch.equal(rbn.means[:, [0, 1, 3]], means[:, [0, 1, 3]])
+
+
+@RBNS
+def test_running_batchnorm_first_batch_huge_then_normal(RBN):
+    rbn = RBN(4)
+    rbn(batch(seed=0) * 1e20)
+    for step in range(1, 5):
+        rbn.train(step != 3)
+        assert torch.isfinite(rbn(batch(seed=step))).all()
+
+
+@pytest.mark.parametrize('bs', [1, 2, 32])
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_fast_running_batchnorm_equals_running_batchnorm(bs, dtype, tol):
+    "Outputs, gradients of the input and the parameters, and the running state, step by step, in training and eval."
+    plain = randomise_(RunningBatchNorm(3)).to(dtype)
+    fast = FastRunningBatchNorm(3).to(dtype)
+    fast.load_state_dict(plain.state_dict())
+    for step in range(24):  # through the early clamp (20 items) and past it
+        training = step % 5 != 4
+        x = batch((bs, 3, 4, 5), seed=step, dtype=dtype) * (0.02 if step < 3 else 1)
+        a, b = (outputs_and_grads(m.train(training), x, [m.mults, m.adds], seed=step) for m in (plain, fast))
+        for u, v in zip(a, b): assert_close(u, v, tol)
+        for (k, u), v in zip(plain.state_dict().items(), fast.state_dict().values()):
+            if isinstance(u, torch.Tensor): assert_close(u, v, tol)
+            else: assert u == pytest.approx(v, rel=1e-12), k
+
+
+@RBNS
+def test_running_batchnorm_gradients_pass_gradcheck(RBN):
+    "The gradients against finite differences, with and without the early variance clamp."
+    rbn = randomise_(RBN(2)).double()
     for bs, spread in ((1, 0.01), (2, 1), (9, 0.02), (20, 0.01), (3, 1)):  # clamped, free, clamped, past it
         x = (batch((bs, 2, 3, 3), seed=bs, dtype=torch.float64) * spread).requires_grad_()
         extra = rbn.get_extra_state()
@@ -189,16 +282,33 @@ def test_running_batchnorm_gradients_pass_gradcheck():
         rbn(x)
 
 
-def test_running_batchnorm_refuses_a_second_derivative():
+def test_running_batchnorm_is_plain_autograd_with_second_derivatives():
+    "No custom autograd Function: the second derivative exists and is right."
+    rbn = randomise_(RunningBatchNorm(2)).double()
+    for step in range(2): rbn(batch((4, 2, 3, 3), seed=step, dtype=torch.float64))
+    x = batch((3, 2, 3, 3), seed=5, dtype=torch.float64).requires_grad_()
+    extra, params = rbn.get_extra_state(), dict(rbn.named_parameters())
+    def one_step(x):  # always from the same running statistics
+        rbn.set_extra_state(extra)
+        return torch.func.functional_call(rbn, {**params, **{k: v.clone() for k, v in rbn.named_buffers()}}, (x,))
+    assert torch.autograd.gradgradcheck(one_step, (x,))
+    def nodes(fn): return [fn, *(n for f, _ in fn.next_functions if f is not None for n in nodes(f))]
+    custom = torch.autograd.function.BackwardCFunction
+    assert not any(isinstance(n, custom) for n in nodes(rbn(x.clone().requires_grad_()).grad_fn))
+    assert any(isinstance(n, custom) for n in nodes(FastRunningBatchNorm(2).double()(x.clone().requires_grad_()).grad_fn))
+
+
+def test_fast_running_batchnorm_refuses_a_second_derivative():
     "The hand-written backward is not itself differentiable: asking for it is an error, not a wrong number."
-    rbn = RunningBatchNorm(2)
+    rbn = FastRunningBatchNorm(2)
     x = batch((3, 2, 3, 3)).requires_grad_()
     gx, = torch.autograd.grad(rbn(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError): torch.autograd.grad(gx.sum(), x)
 
 
-def test_running_batchnorm_trains_on_single_items():
-    rbn = RunningBatchNorm(4)
+@RBNS
+def test_running_batchnorm_trains_on_single_items(RBN):
+    rbn = RBN(4)
     for step in range(30):
         y = rbn(batch((1, 4, 3, 3), seed=step))
         assert torch.isfinite(y).all()
@@ -208,28 +318,43 @@ def test_running_batchnorm_trains_on_single_items():
     assert torch.isfinite(rbn.mults.grad).all() and torch.isfinite(rbn.adds.grad).all()
 
 
-def test_running_batchnorm_is_the_identity_before_training():
-    rbn = RunningBatchNorm(4).eval()
+@RBNS
+@pytest.mark.parametrize('shape', [(0, 4, 5, 5), (3, 4, 0, 2)])
+def test_running_batchnorm_passes_an_empty_batch_through_and_keeps_its_state(RBN, shape):
+    rbn = RBN(4)
+    rbn(batch(seed=0))
+    state = copy.deepcopy(rbn.state_dict())
+    x = torch.empty(shape, requires_grad=True)
+    y = rbn(x)
+    assert y.shape == shape
+    y.sum().backward()
+    for k, v in rbn.state_dict().items(): assert equal(v, state[k]), k
+
+
+@RBNS
+def test_running_batchnorm_is_the_identity_before_training(RBN):
+    rbn = RBN(4).eval()
     x = batch()
     assert_close(rbn(x), x * (1 + 1e-5) ** -0.5)
 
 
-def test_running_batchnorm_eval_uses_the_running_statistics():
-    rbn = randomise_(RunningBatchNorm(4))
+@RBNS
+def test_running_batchnorm_eval_uses_the_running_statistics(RBN):
+    rbn = randomise_(RBN(4))
     for step in range(5): rbn(batch(seed=step))
     rbn.eval()
     state = copy.deepcopy(rbn.state_dict())
     x1, x2 = batch(seed=10), batch(seed=11) * 5 + 3
     y1 = rbn(x1)
-    mean, var = rbn.running_stats()
-    assert_close(y1, ((x1 - mean) / (var + rbn.eps).sqrt() * rbn.mults + rbn.adds).detach())
+    assert_close(y1, ((x1 - rbn.means) / (rbn.vars + rbn.eps).sqrt() * rbn.mults + rbn.adds).detach())
     assert_close(rbn(x1[:2]), y1[:2])  # each item on its own: no batch statistics in evaluation
     rbn(x2)
     for k, v in rbn.state_dict().items(): assert equal(v, state[k]), k
 
 
-def test_running_batchnorm_gradients_reach_mults_and_adds_in_training():
-    rbn = RunningBatchNorm(4)
+@RBNS
+def test_running_batchnorm_gradients_reach_mults_and_adds_in_training(RBN):
+    rbn = RBN(4)
     x = batch().requires_grad_()
     (rbn(x) * torch.arange(4.).view(1, 4, 1, 1)).pow(2).sum().backward()
     for t in (x.grad, rbn.mults.grad, rbn.adds.grad):
@@ -240,37 +365,71 @@ def test_running_batchnorm_gradients_reach_mults_and_adds_in_training():
     assert rbn.adds.grad.abs().sum() > 0 and rbn.mults.grad.abs().sum() > 0
 
 
-def test_running_batchnorm_names_and_defaults():
-    rbn = RunningBatchNorm(3)
+@RBNS
+def test_running_batchnorm_names_and_defaults(RBN):
+    rbn = RBN(3)
     assert (rbn.mom, rbn.eps) == (0.1, 1e-5)
     assert {n for n, _ in rbn.named_parameters()} == {'mults', 'adds'}
-    assert {n for n, _ in rbn.named_buffers()} == {'sums', 'sqrs'}
-    assert rbn.mults.shape == rbn.sums.shape == rbn.sqrs.shape == (1, 3, 1, 1)
+    assert {n for n, _ in rbn.named_buffers()} == {'means', 'vars'}
+    assert rbn.mults.shape == rbn.means.shape == rbn.vars.shape == (1, 3, 1, 1)
     assert (rbn.count, rbn.batch) == (0, 0)  # Python numbers: the host knows every batch's shape
     rbn(torch.randn(5, 3, 2, 2))
     assert rbn.batch == 5 and rbn.count == pytest.approx(20 * (1 - 0.9 / 2))
 
 
-def test_running_batchnorm_forward_never_asks_the_device_for_a_value(monkeypatch):
+@RBNS
+def test_running_batchnorm_forward_never_asks_the_device_for_a_value(RBN, monkeypatch):
     "`.item()`, `bool()`, `float()`, `int()` or `.tolist()` on a tensor would stall a GPU until it catches up."
-    rbn = RunningBatchNorm(4)
+    rbn = RBN(4)
     x = batch().requires_grad_()
     def refuse(*args, **kwargs): raise AssertionError('a host-device synchronisation')
     for name in ('item', '__bool__', '__float__', '__int__', '__index__', 'tolist', 'cpu', 'numpy'):
         monkeypatch.setattr(torch.Tensor, name, refuse)
-    for training in (True, True, False, True):
+    for training, bs in ((True, 1), (True, 6), (False, 6), (True, 2), (True, 0)):
         rbn.train(training)
-        y = rbn(x)
+        y = rbn(x[:bs])
         if training: y.sum().backward()
     monkeypatch.undo()
     assert torch.isfinite(x.grad).all()
+
+
+# --- every norm layer: what they show, what they refuse --------------------------------------------
+
+def test_norm_layers_show_their_settings():
+    assert repr(BatchNorm(8)) == 'BatchNorm(8, mom=0.1, eps=1e-05)'
+    assert repr(LayerNorm(eps=0.1)) == 'LayerNorm(eps=0.1)'
+    assert repr(InstanceNorm(8)) == 'InstanceNorm(8, eps=1.0)'
+    assert repr(GroupNorm(2, 8)) == 'GroupNorm(2, 8, eps=1e-05)'
+    assert repr(RunningBatchNorm(8, mom=0.2)) == 'RunningBatchNorm(8, mom=0.2, eps=1e-05)'
+    assert repr(FastRunningBatchNorm(8)) == 'FastRunningBatchNorm(8, mom=0.1, eps=1e-05)'
+    assert 'BatchNorm(8, mom=0.1, eps=1e-05)' in repr(conv_layer(1, 8))
+
+
+def test_norm_layers_keep_the_lessons_signatures():
+    sig = lambda f: str(inspect.signature(f))
+    assert sig(BatchNorm) == sig(RunningBatchNorm) == sig(FastRunningBatchNorm) == '(nf, mom=0.1, eps=1e-05)'
+    assert sig(LayerNorm) == '(eps=1e-05)' and sig(InstanceNorm) == '(nf, eps=1.0)'
+    assert sig(GroupNorm) == '(groups, nf, eps=1e-05)'
+    assert sig(conv_layer).startswith('(ni, nf, ks=3, stride=2, bn=True')
+
+
+def test_no_torchscript_leftovers_and_no_imports_but_the_previous_notebook():
+    for cls in (BatchNorm, LayerNorm, InstanceNorm, GroupNorm, RunningBatchNorm, FastRunningBatchNorm):
+        assert '__constants__' not in vars(cls), cls
+    tree = ast.parse(Path(nb_07.__file__).read_text())
+    imports = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert [i for i in imports if ' import __all__ ' not in i] == ['from exp.nb_06 import *']  # and the exporter's __all__
+
+
+def test_init_cnn_and_get_learn_run_are_notebook_06s():
+    assert nb_07.init_cnn is nb_06.init_cnn and nb_07.get_learn_run is nb_06.get_learn_run
 
 
 # --- every norm layer: state_dict and devices ---------------------------------------------------------
 
 def all_norms():
     return {'BatchNorm': BatchNorm(4), 'LayerNorm': LayerNorm(), 'InstanceNorm': InstanceNorm(4),
-            'GroupNorm': GroupNorm(2, 4), 'RunningBatchNorm': RunningBatchNorm(4)}
+            'GroupNorm': GroupNorm(2, 4), 'RunningBatchNorm': RunningBatchNorm(4), 'FastRunningBatchNorm': FastRunningBatchNorm(4)}
 
 
 @pytest.mark.parametrize('name', list(all_norms()))
@@ -287,6 +446,22 @@ def test_norm_round_trips_through_state_dict(name, tmp_path):
     for (k, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()): assert equal(a, b), k
     x = batch(seed=7)
     assert torch.equal(fresh(x), trained(x))
+    fresh.train(); trained.train()  # and training goes on from the same state (RunningBatchNorm: count and batch too)
+    assert torch.equal(fresh(x), trained(x))
+    for (k, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()): assert equal(a, b), k
+
+
+@pytest.mark.parametrize('name', list(all_norms()))
+@pytest.mark.parametrize('training', [True, False])
+def test_norm_refuses_an_input_of_another_dtype_clearly(name, training):
+    m = all_norms()[name].train(training)
+    with pytest.raises(TypeError, match=r'torch\.float32 parameters but got a torch\.float64 input.*x\.float\(\).*layer\.double\(\)'):
+        m(batch(dtype=torch.float64))
+    m64 = all_norms()[name].double().train(training)
+    with pytest.raises(TypeError, match=r'torch\.float64 parameters but got a torch\.float32 input.*x\.double\(\).*layer\.float\(\)'):
+        m64(batch())
+    with pytest.raises(TypeError, match=r'torch\.float32 parameters but got a torch\.bfloat16 input.*x\.float\(\).*layer\.to\(torch\.bfloat16\)'):
+        m(batch(dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize('name', list(all_norms()))
@@ -313,8 +488,9 @@ def test_norm_runs_on_cuda_with_its_buffers(name):
 
 
 @cuda
-def test_running_batchnorm_training_step_never_synchronises_on_cuda():
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), RunningBatchNorm(8), nn.ReLU(), nn.Flatten(),
+@RBNS
+def test_running_batchnorm_training_step_never_synchronises_on_cuda(RBN):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), RBN(8), nn.ReLU(), nn.Flatten(),
                           nn.LazyLinear(10)).cuda()
     x, y = torch.randn(2, 1, 8, 8, device='cuda'), torch.randint(0, 10, (2,), device='cuda')
     model(x)  # materialise the lazy layer
@@ -330,7 +506,7 @@ def test_running_batchnorm_training_step_never_synchronises_on_cuda():
         torch.cuda.set_sync_debug_mode(0)
 
 
-# --- conv_layer, init_cnn_, get_learn_run -----------------------------------------------------------------
+# --- conv_layer, init_cnn, get_learn_run -----------------------------------------------------------------
 
 def test_conv_layer_with_and_without_a_norm_layer():
     layer = conv_layer(3, 8, 5, leak=0.1, sub=0.4, maxv=6.)
@@ -359,11 +535,9 @@ def test_init_cnn_reaches_nested_convolutions_and_skips_missing_biases():
         fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
         assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (1 + 0.1 ** 2) / fan_in), rel=0.1)
         assert conv.bias is None or torch.count_nonzero(conv.bias) == 0
-    init_cnn_(model, lambda w, a: nn.init.constant_(w, a))  # f gets the weight and a=0.1
-    assert all(torch.all(c.weight == 0.1) for c in convs)
 
 
-@pytest.mark.parametrize('norm', [None, nn.BatchNorm2d, RunningBatchNorm, partial(GroupNorm, 2)])
+@pytest.mark.parametrize('norm', [None, nn.BatchNorm2d, RunningBatchNorm, FastRunningBatchNorm, partial(GroupNorm, 2)])
 def test_get_learn_run_trains_a_cnn_with_norm_layers(norm):
     torch.manual_seed(0)
     x = torch.zeros(200, 784); y = torch.arange(200) % 2
