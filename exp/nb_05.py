@@ -165,7 +165,9 @@ class Runner():
 # %% nbs/05_training_loop.ipynb cell 26
 class AvgStats():
     "Loss and metrics averaged over the items of an epoch (each batch weighted by its size)."
-    def __init__(self, metrics, in_train): self.metrics, self.in_train = listify(metrics), in_train; self.reset()
+    def __init__(self, metrics, in_train):
+        self.metrics, self.in_train = listify(metrics), in_train
+        self.reset()
     def reset(self): self.tot_loss, self.count, self.tot_mets = 0., 0, [0.] * len(self.metrics)
     @property
     def all_stats(self): return [float(o) for o in [self.tot_loss] + self.tot_mets]
