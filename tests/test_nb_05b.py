@@ -273,7 +273,7 @@ def test_lr_find_puts_back_train_or_eval_mode_of_every_module(start_in_train):
     learn.model.train(start_in_train)
     learn.model[0].train(not start_in_train)   # a mixed model: one layer in the other mode
     modes = [m.training for m in learn.model.modules()]
-    Runner(cb_funcs=partial(LR_Find, max_iter=3)).fit(1, learn)
+    Runner(cb_funcs=partial(LR_Find, max_iter=3)).fit(2, learn)
     assert [m.training for m in learn.model.modules()] == modes
 
 
