@@ -175,6 +175,170 @@ def test_get_hist_and_get_min_on_a_known_histogram():
     assert torch.allclose(get_min(h, slice(2, 4)), torch.tensor([0.6, 0.75]))
 
 
+def test_hooks_are_removed_after_with_block_and_after_exception():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    with Hooks(model, append_stats) as hooks:
+        assert forward_hook_count(model) == 3
+        model(torch.randn(4, 3))
+        assert all(len(h.stats[0]) == 1 for h in hooks)
+    assert forward_hook_count(model) == 0
+    with pytest.raises(ZeroDivisionError):
+        with Hooks(model, append_stats):
+            assert forward_hook_count(model) == 3
+            1 / 0
+    assert forward_hook_count(model) == 0
+
+
+def test_hooks_delitem_and_del_remove_hooks():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    hooks = Hooks(model, append_stats)
+    del hooks[0]
+    assert len(model[0]._forward_hooks) == 0 and len(model[2]._forward_hooks) == 1 and len(hooks) == 2
+    del hooks
+    gc.collect()
+    assert forward_hook_count(model) == 0
+
+
+def test_list_container_indexing():
+    lc = ListContainer(list('abcdef'))
+    assert lc[1] == 'b' and lc[1:3] == ['b', 'c'] and lc[[0, 5]] == ['a', 'f']
+    assert lc[[True, False, True, False, False, True]] == ['a', 'c', 'f']
+    assert lc[torch.tensor([True, False, True, False, False, True])] == ['a', 'c', 'f']
+    assert lc[torch.tensor([2, 3])] == ['c', 'd']
+    assert len(lc) == 6 and list(lc) == list('abcdef')
+    lc[0] = 'z'; del lc[1]
+    assert list(lc) == list('zcdef')
+    with pytest.raises(IndexError, match='boolean mask of length 2 for a ListContainer of 5 items'): lc[[True, False]]
+    assert repr(ListContainer(range(3))) == 'ListContainer (3 items)\n[0, 1, 2]'
+    assert repr(ListContainer(range(20))).endswith('...]')
+
+
+def test_children():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 2)))
+    assert children(model) == [model[0], model[1]]
+
+
+# --- runners and callbacks -----------------------------------------------------------------------
+
+def cbfs(): return [Recorder, partial(AvgStatsCallback, accuracy), DeviceCallback, partial(BatchTransformXCallback, mnist_view)]
+
+
+def test_get_runner_includes_nan_guard_and_accepts_instances():
+    data = image_bunch()
+    model = get_cnn_model(data, NFS, conv2d)
+    rec = Recorder()
+    learn, run = get_runner(model, data, lr=0.3, cbs=[rec, partial(AvgStatsCallback, accuracy)])
+    assert run.recorder is rec and isinstance(run.stop_on_nan, StopOnNanCallback)
+    assert learn.opt.param_groups[0]['lr'] == 0.3 and learn.loss_func is F.cross_entropy
+    _, run = get_runner(model, data, stop_on_nan=False)
+    assert not any(isinstance(cb, StopOnNanCallback) for cb in run.cbs)
+
+
+def test_get_learn_run_trains_a_cnn():
+    torch.manual_seed(0)
+    x = torch.zeros(200, 784); y = torch.arange(200) % 2
+    x[y == 1, :392] = 1.  # class 1: the top half of the image is bright
+    data = DataBunch(*get_dls(Dataset(x[:160], y[:160]), Dataset(x[160:], y[160:]), 16), c=2)
+    learn, run = get_learn_run(NFS, data, 0.3, conv_layer, cbs=cbfs(), leak=0.1, sub=0.4, maxv=6.)
+    run.fit(3, learn)
+    assert run.avg_stats.valid_stats.avg_stats[1] == 1.0
+
+
+def test_device_callback_moves_model_and_batches_to_the_cpu():
+    data = image_bunch()
+    seen = []
+    class Watch(Callback):
+        _order = 3
+        def begin_batch(self): seen.append((self.xb.device, self.yb.device, self.xb.shape[1:]))
+    model = get_cnn_model(data, NFS, conv2d)
+    learn, run = get_runner(model, data, cbs=[partial(DeviceCallback, 'cpu'), partial(BatchTransformXCallback, mnist_view), Watch])
+    run.fit(1, learn)
+    assert isinstance(run.device, DeviceCallback) and run.device.device == torch.device('cpu')
+    assert all(d1.type == 'cpu' and d2.type == 'cpu' and s == (1, 28, 28) for d1, d2, s in seen) and len(seen) == 5 + 2
+    assert DeviceCallback().device == default_device()
+
+
+def test_cuda_callback_without_gpu_warns_once_and_trains_on_the_cpu(monkeypatch):
+    if torch.cuda.is_available(): pytest.skip('this machine has a GPU')
+    monkeypatch.setattr(CudaCallback, 'warned', False)
+    with pytest.warns(UserWarning, match='no CUDA device.*CPU'): cb = CudaCallback()
+    assert cb.device == torch.device('cpu')
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')   # a second one would fail here
+        data = image_bunch()
+        learn, run = get_runner(get_cnn_model(data, NFS, conv2d), data, cbs=[CudaCallback, partial(BatchTransformXCallback, mnist_view)])
+        run.fit(1, learn)
+    assert next(learn.model.parameters()).device.type == 'cpu'
+
+
+@cuda_only
+def test_device_callback_moves_model_and_batches_to_cuda():
+    data = image_bunch()
+    seen = []
+    class Watch(Callback):
+        _order = 3
+        def begin_batch(self): seen.append(self.xb.device.type)
+    model = get_cnn_model(data, NFS, conv2d)
+    learn, run = get_runner(model, data, cbs=[CudaCallback, partial(BatchTransformXCallback, mnist_view), Watch])
+    run.fit(1, learn)
+    assert next(model.parameters()).device.type == 'cuda' and set(seen) == {'cuda'}
+
+
+# --- telemetry callback --------------------------------------------------------------------------
+
+def test_activation_stats_callback_records_and_leaves_no_hooks():
+    data = image_bunch(n_train=40, bs=8)  # 5 training steps per epoch
+    model = get_cnn_model(data, NFS, conv_layer)
+    learn, run = get_runner(model, data, cbs=cbfs() + [ActivationStatsCallback])
+    run.fit(2, learn)
+    hooks = run.activation_stats.hooks
+    assert len(hooks) == len(children(model))
+    assert all(len(h.stats[0]) == 10 and len(h.hists) == 10 for h in hooks)
+    assert forward_hook_count(model) == 0
+
+
+def test_twenty_fits_with_telemetry_leave_no_hooks_and_no_growing_state():
+    data = image_bunch(n_train=16, n_valid=8, bs=8)  # 2 training steps per epoch
+    model = get_cnn_model(data, NFS, conv_layer)
+    telemetry = ActivationStatsCallback(modules=lambda m: children(m)[:2])
+    learn, run = get_runner(model, data, cbs=cbfs() + [telemetry])
+    for _ in range(20):
+        run.fit(1, learn)
+        assert forward_hook_count(model) == 0
+        assert len(telemetry.hooks) == 2 and all(len(h.stats[0]) == 2 for h in telemetry.hooks)
+
+
+def test_telemetry_hooks_removed_when_training_is_cancelled_or_fails():
+    data = image_bunch()
+    class Boom(Callback):
+        def __init__(self, exc): self.exc = exc
+        def after_step(self): raise self.exc
+    for exc in (CancelTrainException(), ValueError('boom')):
+        model = get_cnn_model(data, NFS, conv_layer)
+        learn, run = get_runner(model, data, cbs=cbfs() + [ActivationStatsCallback, partial(Boom, exc)])
+        if isinstance(exc, ValueError):
+            with pytest.raises(ValueError, match='boom'): run.fit(1, learn)
+        else:
+            run.fit(1, learn)
+        assert forward_hook_count(model) == 0
+        assert len(run.activation_stats.hooks[0].stats[0]) == 1
+
+
+def test_telemetry_makes_no_per_batch_cpu_copy(monkeypatch):
+    "The statistics stay where the activations are: no `.cpu()` / `.item()` while training."
+    data = image_bunch()
+    model = get_cnn_model(data, NFS, conv_layer)
+    learn, run = get_runner(model, data, cbs=[partial(BatchTransformXCallback, mnist_view), ActivationStatsCallback],
+                            stop_on_nan=False)
+    def forbidden(*args, **kwargs): raise AssertionError('host transfer during training')
+    monkeypatch.setattr(torch.Tensor, 'cpu', forbidden)
+    monkeypatch.setattr(torch.Tensor, 'item', forbidden)
+    run.fit(1, learn)
+    monkeypatch.undo()
+    assert len(run.activation_stats.hooks[0].stats[0]) == 5
+
+
 def test_a_dropped_hook_is_unregistered():
     lin = nn.Linear(2, 2)
     h = Hook(lin, append_stats)
