@@ -10,13 +10,23 @@ def check_dtype(layer, x):
         raise TypeError(f'{type(layer).__name__} has {want} parameters but got a {x.dtype} input: convert the input '
                         f'(`x{cast.get(want, f".to({want})")}`) or the layer (`layer{cast.get(x.dtype, f".to({x.dtype})")}`)')
 
+def check_nchw(layer, x):
+    "Raise a clear error unless `x` is a 4-D `(N, C, H, W)` batch with the channels of `layer` (its `mults`)."
+    nf = layer.mults.shape[1]
+    if x.dim() == 4 and x.shape[1] == nf: return
+    fix = (f'make the layer {type(layer).__name__} for {x.shape[1]} channels, or check the layer before it' if x.dim() == 4
+           else f'reshape it to (N, {nf}, H, W)')
+    raise ValueError(f'{type(layer).__name__} expected a 4-D (N, C, H, W) input with C={nf} channels, '
+                     f'got shape {tuple(x.shape)}: {fix}')
+
 class BatchNorm(nn.Module):
     """Batch normalisation of `(N, nf, H, W)` activations, per channel over the batch and the pixels.
 
     Training: `(x - mean) / sqrt(var + eps) * mults + adds` with this batch's mean and (biased) variance,
     gradients flowing through both; the running `means` and `vars` move towards them:
     `running = (1-mom)*running + mom*batch` (PyTorch's convention, and like PyTorch the running `vars`
-    takes the unbiased batch variance). Evaluation: the running statistics instead.
+    takes the unbiased batch variance). Evaluation: the running statistics instead. Every statistic of the
+    batch comes from `batch_stats`, so that a subclass can gather it from elsewhere (other processes).
     """
     def __init__(self, nf, mom=0.1, eps=1e-5):
         super().__init__()
@@ -28,19 +38,23 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self): return f'{self.mults.shape[1]}, mom={self.mom}, eps={self.eps}'
 
-    def update_stats(self, x):
-        "This batch's mean and variance per channel; move the running ones towards them."
-        n = x.numel() // x.shape[1]
-        if n < 2: raise ValueError(f'BatchNorm needs more than one value per channel in training, got {tuple(x.shape)}')
+    def batch_stats(self, x):
+        "`(bs, n, mean, var)`: items, values per channel, and each channel's mean and biased variance, `(1, nf, 1, 1)`."
         m = x.mean((0, 2, 3), keepdim=True)
         v = (x - m).pow(2).mean((0, 2, 3), keepdim=True)
+        return x.shape[0], x.numel() // x.shape[1], m, v
+
+    def update_stats(self, x):
+        "This batch's mean and variance per channel; move the running ones towards them."
+        bs, n, m, v = self.batch_stats(x)
+        if n < 2: raise ValueError(f'BatchNorm needs more than one value per channel in training, got {tuple(x.shape)}')
         with torch.no_grad():
             self.means.lerp_(m, self.mom)
             self.vars.lerp_(v * (n / (n - 1)), self.mom)
         return m, v
 
     def forward(self, x):
-        check_dtype(self, x)
+        check_dtype(self, x); check_nchw(self, x)
         if self.training: m, v = self.update_stats(x)
         else:             m, v = self.means, self.vars
         x = (x - m) / (v + self.eps).sqrt()
@@ -82,7 +96,7 @@ class InstanceNorm(nn.Module):
     def extra_repr(self): return f'{self.mults.shape[1]}, eps={self.eps}'
 
     def forward(self, x):
-        check_dtype(self, x)
+        check_dtype(self, x); check_nchw(self, x)
         m = x.mean((2, 3), keepdim=True)
         v = (x - m).pow(2).mean((2, 3), keepdim=True)
         x = (x - m) / (v + self.eps).sqrt()
@@ -102,7 +116,7 @@ class GroupNorm(nn.Module):
     def extra_repr(self): return f'{self.groups}, {self.mults.shape[1]}, eps={self.eps}'
 
     def forward(self, x):
-        check_dtype(self, x)
+        check_dtype(self, x); check_nchw(self, x)
         g = x.reshape(x.shape[0], self.groups, -1)
         m = g.mean(2, keepdim=True)
         v = (g - m).pow(2).mean(2, keepdim=True)
@@ -189,5 +203,5 @@ class _FastRunningBatchNormStep(torch.autograd.Function):
         return torch.addcmul(B * gs, xhat, Bgh).addcmul_(g, ctx.scale), gh, gs, None
 
 from exp.nb_06 import __all__ as _nb_06_all
-__all__ = [*_nb_06_all, 'check_dtype', 'BatchNorm', 'conv_layer', 'LayerNorm', 'InstanceNorm',
-           'GroupNorm', 'RunningBatchNorm', 'FastRunningBatchNorm']
+__all__ = [*_nb_06_all, 'check_dtype', 'check_nchw', 'BatchNorm', 'conv_layer', 'LayerNorm',
+           'InstanceNorm', 'GroupNorm', 'RunningBatchNorm', 'FastRunningBatchNorm']

@@ -550,3 +550,97 @@ def test_get_learn_run_trains_a_cnn_with_norm_layers(norm):
     assert sum(isinstance(m, kind) for m in learn.model.modules()) == 2
     run.fit(3, learn)
     assert run.avg_stats.valid_stats.avg_stats[1] == 1.0
+
+
+# --- the 2-D norms check their input (issue 15, item 3) ------------------------------------------------
+
+def norms_2d():
+    return {'BatchNorm': BatchNorm(4), 'InstanceNorm': InstanceNorm(4), 'GroupNorm': GroupNorm(2, 4),
+            'RunningBatchNorm': RunningBatchNorm(4), 'FastRunningBatchNorm': FastRunningBatchNorm(4)}
+
+
+def test_groupnorm_refuses_a_flat_batch_instead_of_returning_a_new_shape():
+    with pytest.raises(ValueError, match=r'GroupNorm expected a 4-D \(N, C, H, W\) input with C=4 channels, got shape \(8, 4\)'):
+        GroupNorm(2, 4)(torch.randn(8, 4))
+
+
+@pytest.mark.parametrize('name', list(norms_2d()))
+@pytest.mark.parametrize('shape', [(8, 4), (4, 5, 7), (6, 4, 3, 4, 4), (6, 3, 5, 7), (6, 8, 5, 7)])
+@pytest.mark.parametrize('training', [True, False])
+def test_2d_norms_refuse_other_shapes_and_channel_counts_with_one_clear_error(name, shape, training):
+    m = norms_2d()[name].train(training)
+    fix = 'for 8 channels' if shape == (6, 8, 5, 7) else 'for 3 channels' if len(shape) == 4 else r'reshape it to \(N, 4, H, W\)'
+    with pytest.raises(ValueError, match=rf'{name} expected a 4-D \(N, C, H, W\) input with C=4 channels, '
+                                         rf'got shape {re_shape(shape)}: .*{fix}'):
+        m(torch.randn(shape))
+
+
+def re_shape(shape): return str(tuple(shape)).replace('(', r'\(').replace(')', r'\)')
+
+
+def test_check_nchw_passes_a_good_batch_and_is_exported():
+    assert nb_07.check_nchw(BatchNorm(3), torch.empty(0, 3, 1, 1)) is None
+    assert 'check_nchw' in nb_07.__all__ and 'check_dtype' in nb_07.__all__
+
+
+@RBNS
+@pytest.mark.parametrize('bad', [torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5), torch.randn(2, 4, 5, 5, dtype=torch.float64)])
+def test_running_batchnorm_state_does_not_move_when_the_forward_raises(RBN, bad):
+    rbn = RBN(4)
+    for step in range(2): rbn(batch(seed=step))
+    before = copy.deepcopy(rbn.state_dict())
+    with pytest.raises((ValueError, TypeError)): rbn(bad)
+    after = rbn.state_dict()
+    assert set(after) == set(before)
+    for k in before: assert equal(after[k], before[k]), k
+    assert (rbn.count, rbn.batch) == (before['_extra_state']['count'], before['_extra_state']['batch'])
+
+
+@RBNS
+def test_running_batchnorm_warns_when_a_state_dict_without_its_count_is_loaded_loosely(RBN):
+    trained = RBN(4)
+    for step in range(3): trained(batch(seed=step))
+    model = nn.Sequential(nn.Identity(), trained)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith('_extra_state')}
+    fresh = nn.Sequential(nn.Identity(), RBN(4))
+    with pytest.warns(UserWarning, match=r'1\._extra_state|count'):
+        fresh.load_state_dict(state, strict=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the whole state dict: no warning
+        fresh.load_state_dict(model.state_dict())
+    assert (fresh[1].count, fresh[1].batch) == (trained.count, trained.batch)
+
+
+# --- one method gives every statistic of the batch: batch_stats (for norms synchronised across processes) --
+
+def test_batchnorm_batch_stats_is_the_contract():
+    bn = BatchNorm(4)
+    x = batch().requires_grad_()
+    bs, n, m, v = bn.batch_stats(x)
+    assert (bs, n) == (6, 6 * 5 * 7) and m.shape == v.shape == (1, 4, 1, 1)
+    assert_close(m.flatten(), x.mean((0, 2, 3)).detach()); assert_close(v.flatten(), x.var((0, 2, 3), correction=0).detach())
+    (gx,) = torch.autograd.grad((m + v).sum(), [x])
+    assert gx.abs().sum() > 0  # differentiable
+
+
+class TwoBatches:
+    "A mixin whose `batch_stats` are those of `x` together with another batch, as a norm synchronised over two processes sees them."
+    other = None
+    def batch_stats(self, x):
+        bs, n, m, v = super().batch_stats(torch.cat([x, self.other]))
+        return bs, n, m, v
+
+
+@pytest.mark.parametrize('Norm', [BatchNorm, RunningBatchNorm, FastRunningBatchNorm])
+def test_norms_take_every_batch_statistic_from_batch_stats(Norm):
+    synced = type('Synced', (TwoBatches, Norm), {})(4)
+    whole = Norm(4)
+    randomise_(synced); whole.load_state_dict(synced.state_dict())
+    for step, (b1, b2) in enumerate([(1, 1), (2, 3), (1, 2), (3, 3)]):
+        x, other = batch((b1, 4, 3, 3), seed=2 * step), batch((b2, 4, 3, 3), seed=2 * step + 1)
+        synced.other = other
+        o = outputs_and_grads(synced, x, [])[0]
+        e = outputs_and_grads(whole, torch.cat([x, other]), [])[0][:b1]
+        assert_close(o, e)
+    for k, a in whole.state_dict().items(): assert equal(synced.state_dict()[k], a) or torch.allclose(synced.state_dict()[k], a), k
