@@ -102,12 +102,40 @@ class TrainEvalCallback(Callback):
     def begin_validate(self):
         self.model.eval()
         self.run.in_train = False
-# %% nbs/05_training_loop.ipynb cell 22
+# %% nbs/05_training_loop.ipynb cell 23
+import numbers
+
+def check_cb_args(cbs, cb_funcs, callback_class):
+    "Callback objects go in `cbs=`, classes or functions that make one in `cb_funcs=`: say so when they are swapped."
+    for cb in cbs:
+        if isinstance(cb, type): raise TypeError(
+            f"Runner: cbs= takes callback objects, got the class {cb.__name__}: pass {cb.__name__}() in cbs=, or {cb.__name__} in cb_funcs=")
+    for f in cb_funcs:
+        if isinstance(f, callback_class): raise TypeError(
+            f"Runner: cb_funcs= takes classes or functions that make a callback, got a {type(f).__name__} object: pass it in cbs=, or {type(f).__name__} in cb_funcs=")
+
+def check_cb_name(run, cb):
+    "A callback becomes `run.<its name>`: refuse a name that would hide one of the runner's own attributes."
+    if cb.name in type(run).state or hasattr(type(run), cb.name): raise ValueError(
+        f"Runner: {type(cb).__name__} would be reachable as run.{cb.name}, but run.{cb.name} is the runner's own; rename the callback class")
+
+def check_epochs(epochs):
+    if not isinstance(epochs, numbers.Integral) or epochs < 0:
+        raise ValueError(f"Runner.fit: epochs must be a whole number >= 0, got {epochs!r}")
+
+def add_note(e, note):
+    "Attach `note` to exception `e`: Python 3.11+ prints it under the traceback (`e.__notes__` holds it on 3.10 too)."
+    if hasattr(e, 'add_note'): e.add_note(note)
+    else: e.__notes__ = getattr(e, '__notes__', []) + [note]
+# %% nbs/05_training_loop.ipynb cell 24
 class Runner():
     "The training loop, calling each callback's method for each event (lesson 9: returning True stops a step)."
+    state = ('cbs', 'stop', 'in_train', 'learn', 'epochs', 'epoch', 'iters', 'xb', 'yb', 'pred', 'loss', 'n_epochs', 'n_iter')
     def __init__(self, cbs=None, cb_funcs=None):
+        check_cb_args(listify(cbs), listify(cb_funcs), Callback)
         self.cbs, self.stop, self.in_train = [TrainEvalCallback()], False, False
         for cb in listify(cbs) + [cbf() for cbf in listify(cb_funcs)]:
+            check_cb_name(self, cb)
             setattr(self, cb.name, cb)   # reachable as `run.<its name>`
             self.cbs.append(cb)
     @property
@@ -141,19 +169,35 @@ class Runner():
         self.stop = False
 
     def fit(self, epochs, learn):
+        check_epochs(epochs)
+        if epochs == 0: return
         self.epochs, self.learn, self.loss = epochs, learn, tensor(0.)
         try:
             for cb in self.cbs: cb.set_runner(self)
-            if self('begin_fit'): return
-            for epoch in range(epochs):
-                self.epoch = epoch
-                if not self('begin_epoch'): self.all_batches(self.data.train_dl)
-                with torch.no_grad():
-                    if not self('begin_validate'): self.all_batches(self.data.valid_dl)
-                if self('after_epoch'): break
-        finally:
-            self('after_fit')
-            self.learn = None
+            if not self('begin_fit'):
+                for epoch in range(epochs):
+                    self.epoch = epoch
+                    if not self('begin_epoch'): self.all_batches(self.data.train_dl)
+                    with torch.no_grad():
+                        if not self('begin_validate'): self.all_batches(self.data.valid_dl)
+                    if self('after_epoch'): break
+        except BaseException as e:
+            self.end_fit(e)   # every callback's after_fit, then `e` goes on
+            raise
+        self.end_fit()
+
+    def end_fit(self, error=None):
+        "Call every callback's `after_fit`, even after a failure; raise the first error, the later ones noted on it."
+        errors = [] if error is None else [error]
+        for cb in sorted(self.cbs, key=lambda cb: cb._order):
+            try:
+                f = getattr(cb, 'after_fit', None)
+                if f is not None: f()
+            except BaseException as e:
+                if errors: add_note(errors[0], f'then {type(cb).__name__}.after_fit failed too: {type(e).__name__}: {e}')
+                errors.append(e)
+        self.learn = None
+        if errors and errors[0] is not error: raise errors[0]
 
     def __call__(self, cb_name):
         "Call `cb_name` on every callback in `_order`; True if any of them returned True."
@@ -162,7 +206,7 @@ class Runner():
             f = getattr(cb, cb_name, None)
             if f is not None and f(): stop = True
         return stop
-# %% nbs/05_training_loop.ipynb cell 26
+# %% nbs/05_training_loop.ipynb cell 28
 class AvgStats():
     "Loss and metrics averaged over the items of an epoch (each batch weighted by its size)."
     def __init__(self, metrics, in_train):
@@ -190,7 +234,7 @@ class AvgStatsCallback(Callback):
         stats = self.train_stats if self.in_train else self.valid_stats
         with torch.no_grad(): stats.accumulate(self.run)
     def after_epoch(self): print(self.train_stats, self.valid_stats, sep='\n')
-# %% nbs/05_training_loop.ipynb cell 32
+# %% nbs/05_training_loop.ipynb cell 34
 def annealer(f):
     "Decorator: `f(start, end, pos)` becomes `f(start, end)` returning a function of `pos`."
     def _inner(start, end): return partial(f, start, end)
@@ -203,24 +247,30 @@ def sched_cos(start, end, pos): return start + (1 + math.cos(math.pi * (1 - pos)
 @annealer
 def sched_no(start, end, pos): return start
 @annealer
-def sched_exp(start, end, pos): return start * (end / start) ** pos
+def _sched_exp(start, end, pos): return start * (end / start) ** pos
+
+def sched_exp(start, end):
+    "Exponential from `start` to `end`, both positive (a power of `end/start`)."
+    if not (start > 0 and end > 0): raise ValueError(
+        f"sched_exp: start and end must be positive numbers (it multiplies start by powers of end/start), got start={start}, end={end}")
+    return _sched_exp(start, end)
 
 def cos_1cycle_anneal(start, high, end): return [sched_cos(start, high), sched_cos(high, end)]
-# %% nbs/05_training_loop.ipynb cell 35
+# %% nbs/05_training_loop.ipynb cell 37
 from bisect import bisect_right
 
 def combine_scheds(pcts, scheds):
     "One schedule made of `scheds[i]` running for the fraction `pcts[i]` of training."
     pcts, scheds = listify(pcts), listify(scheds)
     if len(pcts) != len(scheds): raise ValueError(f"combine_scheds: {len(pcts)} percentages but {len(scheds)} schedules")
-    if any(p <= 0 for p in pcts) or abs(sum(pcts) - 1) > 1e-6:
+    if not all(p > 0 for p in pcts) or not abs(sum(pcts) - 1) <= 1e-6:   # written so that NaN fails too
         raise ValueError(f"combine_scheds: percentages must be positive and sum to 1, got {pcts}")
     starts = [sum(pcts[:i]) for i in range(len(pcts))]
     def _inner(pos):
         idx = min(max(bisect_right(starts, pos) - 1, 0), len(scheds) - 1)
         return scheds[idx](min(max((pos - starts[idx]) / pcts[idx], 0.), 1.))
     return _inner
-# %% nbs/05_training_loop.ipynb cell 38
+# %% nbs/05_training_loop.ipynb cell 40
 class Recorder(Callback):
     "Records the learning rate of each parameter group (`lrs`) and the loss (`losses`) at each training step."
     def begin_fit(self): self.lrs, self.losses = [[] for _ in self.opt.param_groups], []
@@ -237,6 +287,13 @@ class Recorder(Callback):
         n = len(self.losses) - skip_last
         plt.xscale('log'); plt.plot(self.lrs[pgid][:n], self.loss_values()[:n]); plt.xlabel('learning rate'); plt.ylabel('loss')
 
+def check_hyper_param(opt, pname):
+    "Every parameter group of `opt` must already have hyper-parameter `pname` (SGD calls momentum `momentum`)."
+    for pg in opt.param_groups:
+        if pname not in pg:
+            names = ', '.join(repr(k) for k in pg if k != 'params')
+            raise ValueError(f"ParamScheduler({pname!r}): {type(opt).__name__} has no hyper-parameter {pname!r}; its hyper-parameters are {names}")
+
 class ParamScheduler(Callback):
     "Sets hyper-parameter `pname` of each parameter group before each training step from `sched_funcs`."
     _order = 1
@@ -245,6 +302,7 @@ class ParamScheduler(Callback):
         n = len(self.opt.param_groups)
         self.funcs = self.sched_funcs if isinstance(self.sched_funcs, (list, tuple)) else [self.sched_funcs] * n
         if len(self.funcs) != n: raise ValueError(f"ParamScheduler({self.pname!r}): {len(self.funcs)} schedules for {n} parameter groups")
+        check_hyper_param(self.opt, self.pname)
     def begin_batch(self):
         if not self.in_train: return
         for pg, f in zip(self.opt.param_groups, self.funcs): pg[self.pname] = f(self.n_epochs / self.epochs)
@@ -252,6 +310,7 @@ class ParamScheduler(Callback):
 from exp.nb_00 import __all__ as _nb_00_all
 __all__ = [*_nb_00_all, 'normalize', 'accuracy', 'Dataset', 'Sampler', 'collate', 'DataLoader',
            'get_dls', 'DataBunch', 'get_model', 'get_model_func', 'Learner', 'create_learner',
-           'camel2snake', 'listify', 'Callback', 'TrainEvalCallback', 'Runner', 'AvgStats',
-           'AvgStatsCallback', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
-           'cos_1cycle_anneal', 'combine_scheds', 'Recorder', 'ParamScheduler']
+           'camel2snake', 'listify', 'Callback', 'TrainEvalCallback', 'check_cb_args',
+           'check_cb_name', 'check_epochs', 'add_note', 'Runner', 'AvgStats', 'AvgStatsCallback',
+           'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'cos_1cycle_anneal',
+           'combine_scheds', 'Recorder', 'check_hyper_param', 'ParamScheduler']

@@ -11,8 +11,8 @@ from exp.nb_05 import (AvgStats, AvgStatsCallback, Callback, DataBunch, DataLoad
                        ParamScheduler, Recorder, Runner, Sampler, TrainEvalCallback, accuracy, annealer,
                        camel2snake, collate, combine_scheds, cos_1cycle_anneal, create_learner, get_dls, get_model,
                        get_model_func, listify,
-                       normalize, quick_mode, quick_subset, sched_cos, sched_exp, sched_lin, sched_no, test,
-                       test_eq, test_near, test_near_zero)
+                       normalize, sched_cos, sched_exp, sched_lin, sched_no,
+                       test_eq, test_near)
 
 
 def toy_data(n_train=10, n_valid=7, n_in=4, c=3, seed=0):
@@ -46,35 +46,11 @@ def test_avg_stats_repr_and_values_before_any_epoch():
     assert stats.count == 0 and stats.all_stats == [0., 0.]
 
 
-# --- test helpers -------------------------------------------------------------------------------
-
-def test_test_helpers_pass_and_fail():
-    test_eq(tensor([1, 2]), tensor([1, 2]))
-    test_eq('a', 'a')
-    with pytest.raises(AssertionError): test_eq(tensor([1, 2]), tensor([1, 3]))
-    with pytest.raises(AssertionError): test_eq(tensor([1, 2]), tensor([1, 2, 3]))
-    test_near(tensor([1.0, 2.0]), tensor([1.0001, 2.0]))
-    with pytest.raises(AssertionError): test_near(tensor(1.0), tensor(1.1))
-    test_near_zero(tensor([1e-4, -1e-4]))
-    with pytest.raises(AssertionError): test_near_zero(tensor([0.0, 0.1]))
-    with pytest.raises(AssertionError, match='lt'): test(2, 1, lambda a, b: a < b, 'lt')
-
-
 def test_normalize_and_accuracy():
     x = tensor([1., 3., 5.])
     test_eq(normalize(x, 3., 2.), tensor([-1., 0., 1.]))
     out = tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     test_near(accuracy(out, tensor([1, 0, 0, 0])), 0.75)
-
-
-def test_quick_mode_and_subset(monkeypatch):
-    data = [torch.arange(10), torch.arange(10), torch.arange(5), torch.arange(5)]
-    monkeypatch.setenv('EXP_QUICK', '0')
-    assert not quick_mode()
-    assert [len(t) for t in quick_subset(*data, n_train=3, n_valid=2)] == [10, 10, 5, 5]
-    monkeypatch.setenv('EXP_QUICK', '1')
-    assert quick_mode()
-    assert [len(t) for t in quick_subset(*data, n_train=3, n_valid=2)] == [3, 3, 2, 2]
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -366,3 +342,109 @@ def test_recorder_plots(monkeypatch):
     plt.figure(); run.recorder.plot(skip_last=2)
     assert plt.gca().get_xscale() == 'log' and len(plt.gca().lines[0].get_xdata()) == 3
     plt.close('all')
+
+
+# --- the runner fails clearly (under the hood of notebook 05) ------------------------------------
+
+def toy_learner(bs=4):
+    data = toy_bunch(bs=bs)
+    return Learner(*get_model(data), F.cross_entropy, data)
+
+
+def test_returning_true_from_begin_batch_skips_the_batch_as_in_lesson_9():
+    class SkipOdd(Callback):
+        def begin_batch(self): return self.in_train and self.run.n_batch % 2 == 1
+    class CountBatches(Callback):
+        _order = -1
+        def begin_fit(self): self.run.n_batch = 0
+        def after_batch(self): self.run.n_batch += 1
+    log = EventLog()
+    run = Runner(cbs=log, cb_funcs=[CountBatches, SkipOdd])
+    run.fit(1, toy_learner())   # 3 training batches: the second is skipped
+    train = log.log[log.log.index('begin_epoch') + 1:log.log.index('begin_validate')]
+    full = ['begin_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step', 'after_batch']
+    assert train == full + ['begin_batch', 'after_batch'] + full
+    assert run.n_iter == 3   # TrainEvalCallback still counts it in after_batch
+
+
+def test_runner_refuses_swapped_callback_arguments():
+    with pytest.raises(TypeError, match=r"cbs= takes callback objects, got the class Recorder: pass Recorder\(\) in cbs=, or Recorder in cb_funcs="):
+        Runner(cbs=Recorder)
+    with pytest.raises(TypeError, match=r"cb_funcs= takes classes or functions that make a callback, got a Recorder object: pass it in cbs="):
+        Runner(cb_funcs=[Recorder()])
+    run = Runner(cbs=[Recorder()], cb_funcs=[partial(AvgStatsCallback, accuracy)])   # the right way round
+    assert isinstance(run.recorder, Recorder) and isinstance(run.avg_stats, AvgStatsCallback)
+
+
+@pytest.mark.parametrize('cls_name,attr', [('DataCallback', 'data'), ('Fit', 'fit'), ('StopCallback', 'stop'),
+                                           ('Model', 'model'), ('NIter', 'n_iter'), ('Cbs', 'cbs')])
+def test_runner_refuses_callback_names_it_uses(cls_name, attr):
+    cls = type(cls_name, (Callback,), {})
+    with pytest.raises(ValueError, match=f"{cls_name} would be reachable as run.{attr}, but run.{attr} is the runner's own; rename"):
+        Runner(cb_funcs=cls)
+    with pytest.raises(ValueError, match=f"run.{attr}"): Runner(cbs=cls())
+
+
+def test_fit_zero_and_negative_epochs(capsys):
+    log = EventLog()
+    run = Runner(cbs=log)
+    run.fit(0, toy_learner())
+    assert log.log == [] and capsys.readouterr() == ('', '')
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match=f'epochs must be a whole number >= 0, got {bad}'): run.fit(bad, toy_learner())
+    assert log.log == []
+
+
+def test_every_after_fit_runs_and_the_first_error_is_raised():
+    ran = []
+    class FailsToBegin(Callback):
+        _order = -1
+        def begin_fit(self): raise RuntimeError('begin_fit failed')
+    class NeedsBeginFit(Callback):   # its after_fit reads what its begin_fit set: fails when that never ran
+        def begin_fit(self): self.started = True
+        def after_fit(self):
+            ran.append('needs')
+            assert self.started
+    class BadCleanup(Callback):
+        _order = 1
+        def after_fit(self):
+            ran.append('bad')
+            raise KeyError('cleanup')
+    class Last(Callback):
+        _order = 2
+        def after_fit(self): ran.append('last')
+    run = Runner(cb_funcs=[FailsToBegin, NeedsBeginFit, BadCleanup, Last])
+    with pytest.raises(RuntimeError, match='begin_fit failed') as e: run.fit(1, toy_learner())
+    assert ran == ['needs', 'bad', 'last'] and run.learn is None
+    notes = e.value.__notes__
+    assert len(notes) == 2 and 'NeedsBeginFit.after_fit failed too: AttributeError' in notes[0]
+    assert notes[1] == "then BadCleanup.after_fit failed too: KeyError: 'cleanup'"
+    # a failure only in after_fit: that one is raised, the others still run
+    ran.clear()
+    run = Runner(cb_funcs=[BadCleanup, Last])
+    with pytest.raises(KeyError, match='cleanup'): run.fit(1, toy_learner())
+    assert ran == ['bad', 'last'] and run.learn is None
+
+
+def test_param_scheduler_names_the_optimizers_hyper_parameters():
+    data = toy_bunch()
+    model, _ = get_model(data)
+    for pname in ('mom', 'lrr'):
+        opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        run = Runner(cb_funcs=partial(ParamScheduler, pname, sched_no(0.5, 0.5)))
+        with pytest.raises(ValueError, match=f"ParamScheduler\\('{pname}'\\): SGD has no hyper-parameter '{pname}'; its hyper-parameters are 'lr', 'momentum'"):
+            run.fit(1, Learner(model, opt, F.cross_entropy, data))
+        assert pname not in opt.param_groups[0] and opt.param_groups[0]['lr'] == 0.1
+    run = Runner(cb_funcs=[partial(ParamScheduler, 'momentum', sched_lin(0.9, 0.5))])
+    run.fit(1, Learner(model, opt, F.cross_entropy, data))
+    assert opt.param_groups[0]['momentum'] == pytest.approx(sched_lin(0.9, 0.5)(2 / 3))
+
+
+@pytest.mark.parametrize('pcts', [[math.nan, 1.], [0.5, math.nan], [math.inf, -math.inf]])
+def test_combine_scheds_refuses_nan_percentages(pcts):
+    with pytest.raises(ValueError, match='percentages must be positive and sum to 1'): combine_scheds(pcts, [sched_no(1, 1)] * 2)
+
+
+@pytest.mark.parametrize('start,end', [(1., -0.01), (-1., 1.), (0., 1.), (1., 0.), (math.nan, 1.)])
+def test_sched_exp_refuses_non_positive_ends(start, end):
+    with pytest.raises(ValueError, match='sched_exp: start and end must be positive numbers'): sched_exp(start, end)
