@@ -34,8 +34,26 @@ def test_near_zero(a, tol=1e-3):
 for _helper in (test, test_eq, test_near, test_near_zero): _helper.__test__ = False
 # %% nbs/00_data.ipynb cell 7
 import gzip, hashlib, struct, tempfile, time, urllib.request, warnings, zlib
-from http.client import HTTPException, IncompleteRead
+from http.client import HTTPException
 
+class CorruptFileError(ValueError):
+    "A data file that is truncated, not in idx format, or fails its checksum."
+
+def parse_idx(data, source='idx data'):
+    "The array stored in the bytes `data` of an idx file, as a uint8 tensor."
+    if len(data) < 4 or data[:3] != b'\x00\x00\x08':
+        raise CorruptFileError(f'{source}: not an idx file of unsigned bytes '
+                               f'(magic number {bytes(data[:4]).hex()!r}, expected 000008 then the number of dimensions)')
+    start = 4 + 4*data[3]
+    if len(data) < start: raise CorruptFileError(f'{source}: truncated idx header')
+    shape = struct.unpack(f'>{data[3]}I', data[4:start])
+    size = start + math.prod(shape)
+    if len(data) != size:
+        raise CorruptFileError(f'{source}: {len(data)} bytes, but an idx file of shape {shape} has {size} '
+                               '(truncated or corrupt)')
+    if size == start: return torch.empty(shape, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(memoryview(data)[start:]), dtype=torch.uint8).reshape(shape)
+# %% nbs/00_data.ipynb cell 11
 DATASETS = ('mnist', 'fashion-mnist')
 
 MIRRORS = {
@@ -60,100 +78,62 @@ SHA256 = {
         't10k-labels-idx1-ubyte':  '0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34'},
 }
 
+# bytes of each file once decompressed, the same in both datasets: the most we ever decompress
+SIZES = {'train-images-idx3-ubyte': 16 + 60_000*28*28, 'train-labels-idx1-ubyte': 8 + 60_000,
+         't10k-images-idx3-ubyte': 16 + 10_000*28*28, 't10k-labels-idx1-ubyte': 8 + 10_000}
+
 TRAIN_IMAGES, TRAIN_LABELS = 'train-images-idx3-ubyte', 'train-labels-idx1-ubyte'
 N_TRAIN, N_VALID = 50_000, 10_000   # the lesson's split of the 60,000 training images
-DOWNLOAD_DEADLINE = 300             # seconds to get one file, all mirrors together
-DOWNLOAD_TIMEOUT = 10               # seconds to connect to a mirror, and at most between two chunks
-CHUNK_SIZE = 1 << 16                # bytes read at a time; the deadline is checked between chunks
-
-class CorruptFileError(ValueError):
-    "A data file that is truncated, not in idx format, or fails its checksum."
-
-class DataUnavailableError(RuntimeError):
-    "No local copy of a data file, and no mirror gave a good one in time."
 
 def dataset_name(name):
     "The canonical name ('mnist' or 'fashion-mnist') for `name`."
-    canonical = name.lower().replace('_', '-')
+    canonical = name.lower().replace('_', '-') if isinstance(name, str) else None
     if canonical not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; valid names: 'mnist', 'fashion_mnist' (or 'fashion-mnist')")
+        raise ValueError(f"Unknown dataset {name!r}: the names are 'mnist' and 'fashion_mnist' (or 'fashion-mnist')")
     return canonical
 
-def parse_idx(data, source='idx data'):
-    "The array stored in the bytes `data` of an idx file, as a uint8 tensor."
-    if len(data) < 4 or data[:3] != b'\x00\x00\x08':
-        raise CorruptFileError(f'{source}: not an idx file of unsigned bytes '
-                               f'(magic number {data[:4].hex()!r}, expected 000008 then the number of dimensions)')
-    start = 4 + 4*data[3]
-    if len(data) < start: raise CorruptFileError(f'{source}: truncated idx header')
-    shape = struct.unpack(f'>{data[3]}I', data[4:start])
-    size = start + math.prod(shape)
-    if len(data) != size:
-        raise CorruptFileError(f'{source}: {len(data)} bytes, but an idx file of shape {shape} has {size} '
-                               '(truncated or corrupt)')
-    if size == start: return torch.empty(shape, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(memoryview(data)[start:]), dtype=torch.uint8).reshape(shape)
+def _gunzip(raw, source, limit=None):
+    "The gzip bytes `raw` decompressed, to at most `limit` bytes; errors name `source`."
+    out, rest = bytearray(), raw
+    while rest:  # a gzip file is one or more compressed members, one after the other
+        member = zlib.decompressobj(wbits=31)
+        try: out += member.decompress(rest, 0 if limit is None else limit + 1 - len(out))  # 0: no limit
+        except zlib.error as e: raise CorruptFileError(f'{source}: corrupt gzip ({e})') from None
+        if limit is not None and len(out) > limit:
+            raise CorruptFileError(f'{source}: decompresses to more than {limit:,} bytes, the size of the real file')
+        if not member.eof: raise CorruptFileError(f'{source}: truncated gzip (the file ends too early)')
+        rest = member.unused_data
+    return bytes(out)
 
-def gunzip(raw, source):
-    "Decompress the gzip bytes `raw`, naming `source` if they are truncated or corrupt."
-    try: return gzip.decompress(raw)
-    except EOFError: raise CorruptFileError(f'{source}: truncated gzip (the file ends too early)') from None
-    except (OSError, zlib.error) as e: raise CorruptFileError(f'{source}: corrupt gzip ({e})') from None
-
-def read_idx(path):
-    "The array in the idx file at `path` (gzipped if its name ends in .gz), as a uint8 tensor."
-    path = Path(path)
-    data = path.read_bytes()
-    if path.suffix == '.gz': data = gunzip(data, path)
-    return parse_idx(data, path)
-# %% nbs/00_data.ipynb cell 11
-def verified(raw, dataset, fname, source):
-    "The decompressed bytes of the gzip bytes `raw`, once they match their SHA-256 in `SHA256`."
-    data = gunzip(raw, source)
+def _checked(raw, dataset, fname, source):
+    "The decompressed bytes of the gzip bytes `raw`, once their SHA-256 is the one in `SHA256`."
+    data = _gunzip(raw, source, SIZES[fname])
     digest, expected = hashlib.sha256(data).hexdigest(), SHA256[dataset][fname]
     if digest != expected:
         raise CorruptFileError(f'{source}: checksum mismatch (SHA-256 of the decompressed data is {digest}, '
                                f'expected {expected})')
     return data
 
-def data_dir():
-    "The folder named by the env var `EXP_DATA_DIR`, or None."
-    folder = os.environ.get('EXP_DATA_DIR')
-    return Path(folder).expanduser() if folder else None
+def read_idx(path):
+    "The array in the idx file at `path` (gzipped if its name ends in .gz), as a uint8 tensor."
+    path = Path(path)
+    data = path.read_bytes()
+    if path.suffix == '.gz': data = _gunzip(data, path)
+    return parse_idx(data, path)
+# %% nbs/00_data.ipynb cell 13
+DOWNLOAD_TIMEOUT = 10    # seconds to wait for a mirror to connect, or to send more bytes
+DOWNLOAD_DEADLINE = 300  # seconds to get one file, all mirrors together
 
-def cache_dir():
+class DataUnavailableError(RuntimeError):
+    "No local copy of a data file, and no mirror gave a good one in time."
+
+def _cache_dir():
     "The per-user folder downloads are kept in: `EXP_CACHE_DIR`, else `$XDG_CACHE_HOME/exp-lesson10`."
     if os.environ.get('EXP_CACHE_DIR'): return Path(os.environ['EXP_CACHE_DIR']).expanduser()
     base = os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache'
     return Path(base).expanduser()/'exp-lesson10'
 
-def find_in_path(path, dataset, fname):
-    "The file `fname`.gz in the folder `path`, or in its subfolder for `dataset`."
-    path = Path(path).expanduser()
-    for folder in (path, path/dataset):
-        if (folder/f'{fname}.gz').is_file(): return folder/f'{fname}.gz'
-    raise FileNotFoundError(f'{fname}.gz is in neither {path} nor {path/dataset}')
-
-def read_user_file(fn, dataset, fname, advice):
-    "Verified bytes of the user's file `fn`; a bad one is reported, never changed or deleted."
-    try: return verified(fn.read_bytes(), dataset, fname, fn)
-    except CorruptFileError as e: raise CorruptFileError(f'{e}. The file was left as it is: {advice}.') from None
-# %% nbs/00_data.ipynb cell 13
-def fetch(url, deadline=None):
-    "The bytes at `url`, read a chunk at a time; `TimeoutError` once `time.monotonic()` passes `deadline`."
-    if deadline is None: deadline = time.monotonic() + DOWNLOAD_DEADLINE
-    chunks = []
-    with urllib.request.urlopen(url, timeout=min(DOWNLOAD_TIMEOUT, max(deadline - time.monotonic(), 0.01))) as response:
-        while True:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f'stopped by the deadline after {sum(map(len, chunks)):,} bytes')
-            chunk = response.read1(CHUNK_SIZE)
-            if not chunk: break
-            chunks.append(chunk)
-        if response.length: raise IncompleteRead(b''.join(chunks), response.length)  # the connection ended early
-    return b''.join(chunks)
-
-def save(raw, dest):
+def _save(raw, dest):
     "Write `raw` to `dest` through a temporary file in the same folder, so `dest` is never half-written."
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f'{dest.name}.', suffix='.part')
@@ -162,81 +142,73 @@ def save(raw, dest):
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
-
-def keep_in_cache(raw, dataset, fname):
-    "Save the verified download `raw` in the cache; if the cache cannot be written, warn and go on without it."
-    folder = cache_dir()/dataset
-    try: save(raw, folder/f'{fname}.gz')
-    except OSError as e:
-        warnings.warn(f'Could not save {fname}.gz in the cache folder {folder} ({e}). The download is good and is '
-                      f'used, but it will be downloaded again next time: make {folder} writable, or set '
-                      'EXP_CACHE_DIR to a folder you can write to (or EXP_DATA_DIR to a folder holding the data).')
-
-def unavailable_message(dataset, fname, failures, late=False):
-    "Explain where we looked for `fname` and why every address failed (`late`: the deadline passed)."
-    env = data_dir()
-    why = (f'the download deadline of {DOWNLOAD_DEADLINE:g} s (DOWNLOAD_DEADLINE, all mirrors together) passed'
-           if late else 'no mirror gave a good one')
-    return '\n'.join([
-        f'Could not get {dataset}/{fname}.gz: there is no local copy and {why}.',
-        '  EXP_DATA_DIR: ' + (f'{env} (has no {dataset}/{fname}.gz)' if env else 'not set'),
-        f'  cache folder: {cache_dir()/dataset}',
-        '  addresses tried:', *[f'    {failure}' for failure in failures or ['none']],
-        *(['On a slow connection, raise exp.nb_00.DOWNLOAD_DEADLINE.'] if late else []),
-        'Connect to the internet, or download the four files yourself and set EXP_DATA_DIR '
-        'to the folder holding mnist/ and fashion-mnist/ (or pass path= to get_data).'])
-
-def download(dataset, fname):
-    "Fetch `fname` from the first mirror with a good copy before the deadline, cache it, return its decompressed bytes."
-    deadline, failures = time.monotonic() + DOWNLOAD_DEADLINE, []
+# %% nbs/00_data.ipynb cell 15
+def _download(dataset, fname):
+    "The decompressed bytes of `fname` from the first mirror with a good copy before the deadline; cached."
+    deadline, tried = time.monotonic() + DOWNLOAD_DEADLINE, []
+    limit = SIZES[fname] + SIZES[fname] // 100 + 1024  # gzip's worst case adds far less than 1%
     for base in MIRRORS[dataset]:
         url = f"{base.rstrip('/')}/{fname}.gz"
         if time.monotonic() > deadline:
-            failures.append(f'{url}: not tried (the deadline had passed)')
+            tried.append(f'{url}: not tried (the deadline had passed)')
             continue
         print(f'Downloading {fname}.gz from {base}')
-        try: raw = fetch(url, deadline); data = verified(raw, dataset, fname, url)
+        try: raw = _fetch(url, deadline, limit); data = _checked(raw, dataset, fname, url)
         except (OSError, ValueError, HTTPException) as e:
-            print(f'  failed: {e}')
-            failures.append(f'{url}: {e}')
+            why = str(e).removeprefix(f'{url}: ')
+            print(f'  failed: {why}')
+            tried.append(f'{url}: {why}')
             continue
-        keep_in_cache(raw, dataset, fname)
+        _keep_in_cache(raw, dataset, fname)
         return data
-    raise DataUnavailableError(unavailable_message(dataset, fname, failures, late=time.monotonic() > deadline))
+    late = time.monotonic() > deadline
+    why = (f'the download deadline of {DOWNLOAD_DEADLINE:g} s (DOWNLOAD_DEADLINE, all mirrors together) passed'
+           if late else 'no mirror gave a good copy')
+    raise DataUnavailableError('\n'.join([
+        f'Could not get {dataset}/{fname}.gz: it is not in the cache ({_cache_dir()/dataset}) and {why}.',
+        '  addresses tried:', *[f'    {t}' for t in tried or ['none (MIRRORS is empty)']],
+        *(['On a slow connection, raise exp.nb_00.DOWNLOAD_DEADLINE.'] if late else []),
+        f'Connect to the internet, or download the files yourself and set EXP_DATA_DIR to the folder '
+        f'that holds {dataset}/ (or pass path= to get_data).']))
+# %% nbs/00_data.ipynb cell 17
+def _user_file(fn, dataset, fname, advice):
+    "The verified bytes of the user's file `fn`; a bad one is reported, never changed or deleted."
+    try: return _checked(fn.read_bytes(), dataset, fname, fn)
+    except CorruptFileError as e: raise CorruptFileError(f'{e}. The file was left as it is: {advice}.') from None
 
-def from_cache(dataset, fname):
-    "Verified bytes of `fname` from the cache, downloading it if it is missing or corrupt."
-    fn = cache_dir()/dataset/f'{fname}.gz'
-    if fn.is_file():
-        try: return verified(fn.read_bytes(), dataset, fname, fn)
-        except CorruptFileError as e:
-            warnings.warn(f'{e}; deleting it and downloading it again')
-            try: fn.unlink(missing_ok=True)
-            except OSError as err: warnings.warn(f'could not delete {fn} ({err}); downloading a good copy anyway')
-    return download(dataset, fname)
-
-def load_file(dataset, fname, path=None):
+def _load(dataset, fname, path=None):
     "Verified, decompressed bytes of `fname`: from `path`, else `EXP_DATA_DIR`, else the cache, else a mirror."
     if path is not None:
-        return read_user_file(find_in_path(path, dataset, fname), dataset, fname,
-                              'replace it with a good copy, or pass another path')
-    env = data_dir()
-    if env and (env/dataset/f'{fname}.gz').is_file():
-        return read_user_file(env/dataset/f'{fname}.gz', dataset, fname,
-                              'replace it with a good copy, or unset EXP_DATA_DIR to download one into the cache')
-    return from_cache(dataset, fname)
+        path = Path(path).expanduser()
+        for fn in (path/f'{fname}.gz', path/dataset/f'{fname}.gz'):
+            if fn.is_file(): return _user_file(fn, dataset, fname, 'replace it with a good copy, or pass another path')
+        raise FileNotFoundError(f'{fname}.gz is in neither {path} nor {path/dataset}: pass the folder that holds it')
+    if os.environ.get('EXP_DATA_DIR'):
+        folder = Path(os.environ['EXP_DATA_DIR']).expanduser()
+        fn = folder/dataset/f'{fname}.gz'
+        if not fn.is_file():
+            raise FileNotFoundError(
+                f"EXP_DATA_DIR is {folder}, but {fn} {'is a folder, not a file' if fn.is_dir() else 'does not exist'}. "
+                f'Put the file there, or set EXP_DATA_DIR to the folder that holds {dataset}/, '
+                'or unset EXP_DATA_DIR to download the data into the cache.')
+        return _user_file(fn, dataset, fname, 'replace it with a good copy, or unset EXP_DATA_DIR to download one')
+    fn = _cache_dir()/dataset/f'{fname}.gz'
+    if fn.is_file():
+        try: return _checked(fn.read_bytes(), dataset, fname, fn)
+        except CorruptFileError as e: warnings.warn(f'{e}; downloading a good copy to replace it')
+    return _download(dataset, fname)
 
 def get_data(name='mnist', path=None):
     "`x_train, y_train, x_valid, y_valid` of MNIST or Fashion-MNIST, split as in the lesson."
     dataset = dataset_name(name)
-    images = parse_idx(load_file(dataset, TRAIN_IMAGES, path), f'{dataset}/{TRAIN_IMAGES}')
-    labels = parse_idx(load_file(dataset, TRAIN_LABELS, path), f'{dataset}/{TRAIN_LABELS}')
+    images = parse_idx(_load(dataset, TRAIN_IMAGES, path), f'{dataset}/{TRAIN_IMAGES}')
+    labels = parse_idx(_load(dataset, TRAIN_LABELS, path), f'{dataset}/{TRAIN_LABELS}')
     n = N_TRAIN + N_VALID
     if len(images) < n or len(labels) < n:
         raise ValueError(f'{dataset} has {len(images)} images and {len(labels)} labels; the split needs {n}')
     x, y = images[:n].reshape(n, -1).float().div_(255), labels[:n].long()
     return x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:]
-# %% nbs/00_data.ipynb cell 22
+# %% nbs/00_data.ipynb cell 26
 def quick_mode():
     "True when the environment asks for a short run (`EXP_QUICK=1`, set by `run_notebooks.py --quick`)."
     return os.environ.get('EXP_QUICK', '0') not in ('', '0')
@@ -245,7 +217,7 @@ def quick_subset(x_train, y_train, x_valid, y_valid, n_train=5000, n_valid=1000)
     "In quick mode, the first `n_train` / `n_valid` items; otherwise the data unchanged."
     if not quick_mode(): return x_train, y_train, x_valid, y_valid
     return x_train[:n_train], y_train[:n_train], x_valid[:n_valid], y_valid[:n_valid]
-# %% nbs/00_data.ipynb cell 25
+# %% nbs/00_data.ipynb cell 29
 from contextlib import contextmanager
 
 @contextmanager
@@ -256,12 +228,31 @@ def torch_threads(n):
     torch.set_num_threads(n)
     try: yield
     finally: torch.set_num_threads(before)
+# %% nbs/00_data.ipynb cell 32
+_CHUNK = 1 << 16  # bytes read at a time; the deadline and the size are checked between chunks
+
+def _fetch(url, deadline, limit):
+    "At most `limit` bytes from `url`, read a chunk at a time; `TimeoutError` once `time.monotonic()` passes `deadline`."
+    raw = bytearray()
+    with urllib.request.urlopen(url, timeout=min(DOWNLOAD_TIMEOUT, max(deadline - time.monotonic(), 0.01))) as response:
+        while chunk := response.read1(_CHUNK):
+            raw += chunk
+            if len(raw) > limit: raise CorruptFileError(f'{url}: more than {limit:,} bytes, bigger than the file can be')
+            if time.monotonic() > deadline: raise TimeoutError(f'stopped by the deadline after {len(raw):,} bytes')
+    return raw
+# %% nbs/00_data.ipynb cell 36
+def _keep_in_cache(raw, dataset, fname):
+    "Save the verified download `raw` in the cache; if the cache cannot be written, warn and go on without it."
+    folder = _cache_dir()/dataset
+    try: _save(raw, folder/f'{fname}.gz')
+    except OSError as e:
+        warnings.warn(f'Could not save {fname}.gz in the cache folder {folder} ({e}). The download is good and is '
+                      f'used, but it will be downloaded again next time: make {folder} writable, or set '
+                      'EXP_CACHE_DIR to a folder you can write to (or EXP_DATA_DIR to a folder holding the data).')
 
 __all__ = ['math', 'os', 're', 'partial', 'Path', 'plt', 'torch', 'F', 'nn', 'optim', 'tensor',
-           'test', 'equals', 'near', 'test_eq', 'test_near', 'test_near_zero', 'DATASETS',
-           'MIRRORS', 'SHA256', 'TRAIN_IMAGES', 'TRAIN_LABELS', 'N_TRAIN', 'N_VALID',
-           'DOWNLOAD_DEADLINE', 'DOWNLOAD_TIMEOUT', 'CHUNK_SIZE', 'CorruptFileError',
-           'DataUnavailableError', 'dataset_name', 'parse_idx', 'gunzip', 'read_idx', 'verified',
-           'data_dir', 'cache_dir', 'find_in_path', 'read_user_file', 'fetch', 'save',
-           'keep_in_cache', 'unavailable_message', 'download', 'from_cache', 'load_file',
-           'get_data', 'quick_mode', 'quick_subset', 'torch_threads']
+           'test', 'equals', 'near', 'test_eq', 'test_near', 'test_near_zero', 'CorruptFileError',
+           'parse_idx', 'DATASETS', 'MIRRORS', 'SHA256', 'SIZES', 'TRAIN_IMAGES', 'TRAIN_LABELS',
+           'N_TRAIN', 'N_VALID', 'dataset_name', 'read_idx', 'DOWNLOAD_TIMEOUT',
+           'DOWNLOAD_DEADLINE', 'DataUnavailableError', 'get_data', 'quick_mode', 'quick_subset',
+           'torch_threads']
