@@ -258,7 +258,7 @@ def test_all_mirrors_dead_is_one_clear_error(fake, server, monkeypatch):
     msg = str(e.value)
     assert isinstance(e.value, RuntimeError)
     assert f'mnist/{IMAGES}.gz' in msg and str(fake) in msg  # the file, and the cache it is not in
-    assert f'{dead}{IMAGES}.gz: ' in msg and f'{missing}{IMAGES}.gz: HTTP Error 404' in msg
+    assert f'{dead}{IMAGES}.gz: ' in msg and re.search(re.escape(f'{missing}{IMAGES}.gz: ') + '.*404', msg)
     assert 'set EXP_DATA_DIR' in msg  # what to do without a network
     assert not fake.exists() or not any(fake.iterdir())
 
