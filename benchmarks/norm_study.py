@@ -9,8 +9,8 @@ at every batch size, on MNIST and Fashion-MNIST, each cell the mean over seeds.
 Every finished run is written at once to results/norm_study.json, so an interrupted study resumes where it stopped;
 results/norm_study.md is the table. Each worker process uses one torch thread.
 
-The recipe, the same for every cell: notebook 07's CNN (`get_learn_run`: convolutions of 8, 16, 32, 32 channels,
-Kaiming init, ReLU, then the norm layer), SGD, one epoch over the 50,000 training images. The learning rate rule:
+The recipe, the same for every cell: notebook 07's CNN, the lesson's (`get_learn_run`: convolutions of 8, 16, 32, 64, 64
+channels, each of stride 2, so that the last sees 1x1 pixels; Kaiming init, ReLU, then the norm layer), SGD, one epoch over the 50,000 training images. The learning rate rule:
 peak `lr = 0.4 * (bs/2)**0.25` (0.4, 0.57, 0.8 and 1.6 for batches of 2, 8, 32 and 512: the lesson's 0.4 at batch
 size 2 and about its 1.0 at 32), warming up along a cosine from lr/10 over the first 25% of the steps, then annealing
 along a cosine to lr/20. Accuracy on the 10,000 validation images, the model in evaluation mode.
@@ -26,8 +26,14 @@ from notebook2script import write_atomic  # temporary file + os.replace: an inte
 DATASETS = ('mnist', 'fashion-mnist')
 NORMS = ('none', 'BatchNorm', 'LayerNorm', 'InstanceNorm', 'GroupNorm', 'RunningBatchNorm')
 BATCH_SIZES = (2, 8, 32, 512)
-NFS = [8, 16, 32, 32]
-GROUPS = 4  # GroupNorm: 4 groups of 2, 4, 8 and 8 channels
+NFS = [8, 16, 32, 64, 64]  # notebook 07's network, the lesson's: the last convolution sees 1x1 pixels
+GROUPS = 4  # GroupNorm: 4 groups of 2, 4, 8, 16 and 16 channels
+
+RECIPE = (f"Every cell: the CNN of notebook 07, the lesson's (conv {'-'.join(map(str, NFS))}, each of stride 2, so the last "
+          f"sees 1x1 pixels; Kaiming init, ReLU, then the norm layer; GroupNorm with {GROUPS} groups, LayerNorm with the conv "
+          "bias as in the lesson, each layer's default eps; RunningBatchNorm as exported by notebook 07), SGD for one epoch "
+          "of 50,000 images; peak lr = 0.4*(bs/2)**0.25 (0.4, 0.57, 0.8, 1.6), cosine warm-up from lr/10 over 25% of the "
+          "steps, cosine annealing to lr/20; accuracy on the 10,000 validation images in evaluation mode.")
 
 def peak_lr(bs): return 0.4 * (bs / 2) ** 0.25
 
@@ -179,11 +185,7 @@ def main(argv=None):
         'command': 'python benchmarks/norm_study.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:])),
         'machine': f'{platform.machine()} CPU, {os.cpu_count()} cores, {args.workers} worker processes of 1 torch thread',
         'torch': torch.__version__, 'date': datetime.date.today().isoformat(), 'seeds': sorted(set(seeds)),
-        'recipe': ("Every cell: the CNN of notebook 07 (conv 8-16-32-32, Kaiming init, ReLU, then the norm layer; "
-                   f"GroupNorm with {GROUPS} groups, LayerNorm with the conv bias as in the lesson, each layer's default eps), "
-                   "SGD for one epoch of 50,000 images; peak lr = 0.4*(bs/2)**0.25 (0.4, 0.57, 0.8, 1.6), cosine warm-up "
-                   "from lr/10 over 25% of the steps, cosine annealing to lr/20; accuracy on the 10,000 validation "
-                   "images in evaluation mode.")}
+        'recipe': RECIPE}
     # the long runs first, so that the two workers finish together
     jobs = [(d, n, bs, s, n_train, n_valid, max_steps) for bs in BATCH_SIZES for s in seeds for d in DATASETS for n in NORMS]
     todo = [j for j in jobs if f'{j[0]}/{j[1]}/bs{j[2]}/seed{j[3]}' not in results['runs']]

@@ -102,3 +102,30 @@ def test_table_without_a_study_is_one_clear_error(tmp_path, capsys):
 def test_workers_must_be_positive(capsys):
     with pytest.raises(SystemExit) as e: ns.main(['--workers', '0'])
     assert e.value.code == 2 and '--workers must be at least 1' in capsys.readouterr().err
+
+
+def test_the_study_trains_notebook_07s_network():
+    import re
+    nb = json.loads((ROOT / 'nbs' / '07_batchnorm.ipynb').read_text())
+    lines = [l for c in nb['cells'] if c['cell_type'] == 'code' for l in ''.join(c['source']).splitlines()]
+    nfs = [json.loads(re.findall(r'\[[\d, ]+\]', l)[-1]) for l in lines if re.match(r'[\w, ]*\bnfs = ', l)]
+    assert nfs == [ns.NFS] == [[8, 16, 32, 64, 64]]  # the lesson's: the last convolution sees 1x1 pixels
+
+
+def test_run_one_builds_the_network_whose_last_convolution_sees_one_pixel(tiny_data, monkeypatch):
+    shapes = []
+    original = ns.conv_for
+    def spy(norm):
+        layer = original(norm)
+        def made(*args, **kwargs):
+            m = layer(*args, **kwargs)
+            m.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(out.shape[1:])))
+            return m
+        return made
+    monkeypatch.setattr(ns, 'conv_for', spy)
+    ns.run_one(('mnist', 'RunningBatchNorm', 8, 0, None, None, 1))
+    assert shapes[:5] == [(8, 14, 14), (16, 7, 7), (32, 4, 4), (64, 2, 2), (64, 1, 1)]
+
+
+def test_the_table_header_names_the_network():
+    assert '8-16-32-64-64' in ns.RECIPE
