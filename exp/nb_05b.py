@@ -39,13 +39,18 @@ class TrainEvalCallback(Callback):
         self.model.eval()
         self.run.in_train = False
 # %% nbs/05b_early_stopping.ipynb cell 12
+import numbers
+
 class Runner():
     "The training loop; callbacks steer it by raising the Cancel*Exceptions."
+    state = ('cbs', 'learn', 'epochs', 'epoch', 'iters', 'xb', 'yb', 'pred', 'loss', 'in_train', 'n_epochs', 'n_iter')
     def __init__(self, cbs=None, cb_funcs=None):
+        check_cb_args(listify(cbs), listify(cb_funcs), Callback)
         self.cbs, self.in_train, self.learn = [], False, None
         for cb in [TrainEvalCallback()] + listify(cbs) + [cbf() for cbf in listify(cb_funcs)]: self.add_cb(cb)
     def add_cb(self, cb):
-        "Add a callback, reachable as `run.<its name>`."
+        "Add a callback, reachable as `run.<its name>` (a name the runner itself uses is refused)."
+        check_cb_name(self, cb)
         setattr(self, cb.name, cb)
         self.cbs.append(cb)
     @property
@@ -83,26 +88,41 @@ class Runner():
         except CancelEpochException: self('after_cancel_epoch')
 
     def fit(self, epochs, learn):
+        check_epochs(epochs)
+        if epochs == 0: return
         self.epochs, self.learn, self.loss = epochs, learn, tensor(0.)
         try:
-            for cb in self.cbs: cb.set_runner(self)
-            self('begin_fit')
-            for epoch in range(epochs):
-                self.epoch = epoch
-                self.all_batches(self.data.train_dl, 'begin_epoch')
-                with torch.no_grad(): self.all_batches(self.data.valid_dl, 'begin_validate')
-                self('after_epoch')
-        except CancelTrainException: self('after_cancel_train')
-        finally:
-            self('after_fit')
-            self.learn = None
+            try:
+                for cb in self.cbs: cb.set_runner(self)
+                self('begin_fit')
+                for epoch in range(epochs):
+                    self.epoch = epoch
+                    self.all_batches(self.data.train_dl, 'begin_epoch')
+                    with torch.no_grad(): self.all_batches(self.data.valid_dl, 'begin_validate')
+                    self('after_epoch')
+            except CancelTrainException: self('after_cancel_train')
+        except BaseException as e:
+            self.end_fit(e)   # every callback's after_fit, then `e` goes on
+            raise
+        self.end_fit()
+
+    def end_fit(self, error=None):
+        "Call every callback's `after_fit`, even after a failure; raise the first error, the later ones noted on it."
+        errors = [] if error is None else [error]
+        for cb in sorted(self.cbs, key=lambda cb: cb._order):
+            try: cb('after_fit')
+            except BaseException as e:
+                if errors: add_note(errors[0], f'then {type(cb).__name__}.after_fit failed too: {type(e).__name__}: {e}')
+                errors.append(e)
+        self.learn = None
+        if errors and errors[0] is not error: raise errors[0]
 
     def __call__(self, cb_name):
         "Call event `cb_name` on every callback in `_order`; True if any of them returned True."
         res = False
         for cb in sorted(self.cbs, key=lambda cb: cb._order): res = cb(cb_name) or res
         return res
-# %% nbs/05b_early_stopping.ipynb cell 19
+# %% nbs/05b_early_stopping.ipynb cell 21
 class AvgStatsCallback(Callback):
     "Keeps `train_stats` and `valid_stats` (`AvgStats`) for each epoch; prints them if `print_stats`."
     def __init__(self, metrics, print_stats=True):
@@ -140,11 +160,12 @@ class ParamScheduler(Callback):
         n = len(self.opt.param_groups)
         self.funcs = self.sched_funcs if isinstance(self.sched_funcs, (list, tuple)) else [self.sched_funcs] * n
         if len(self.funcs) != n: raise ValueError(f"ParamScheduler({self.pname!r}): {len(self.funcs)} schedules for {n} parameter groups")
+        check_hyper_param(self.opt, self.pname)
     def begin_batch(self):
         if not self.in_train: return
         for pg, f in zip(self.opt.param_groups, self.funcs): pg[self.pname] = f(self.n_epochs / self.epochs)
-# %% nbs/05b_early_stopping.ipynb cell 22
-import copy
+# %% nbs/05b_early_stopping.ipynb cell 29
+import copy, warnings
 
 def debiased_ewma(xs, beta=0.9):
     "Exponentially weighted moving average of the numbers `xs`, divided by `1-beta**i` so the first values are not pulled to 0."
@@ -153,13 +174,14 @@ def debiased_ewma(xs, beta=0.9):
         avg = beta * avg + (1 - beta) * x
         res.append(avg / (1 - beta ** i))
     return res
-# %% nbs/05b_early_stopping.ipynb cell 25
+# %% nbs/05b_early_stopping.ipynb cell 32
 class LR_Find(Callback):
     "Grows the lr exponentially from `min_lr` to `max_lr` over `max_iter` steps; then puts the model and optimizer back."
     _order, smooth_beta = 1, 0.9   # smooth_beta: smoothing of the loss for `suggested_lr` and `plot`
     def __init__(self, max_iter=100, min_lr=1e-6, max_lr=10):
         if not isinstance(max_iter, int) or max_iter < 1: raise ValueError(f"LR_Find: max_iter must be an integer >= 1, got {max_iter!r}")
-        if not 0 < min_lr < max_lr: raise ValueError(f"LR_Find: need 0 < min_lr < max_lr, got min_lr={min_lr!r}, max_lr={max_lr!r}")
+        if not 0 < min_lr < max_lr < math.inf:
+            raise ValueError(f"LR_Find: need 0 < min_lr < max_lr < inf (finite numbers, min_lr below max_lr), got min_lr={min_lr!r}, max_lr={max_lr!r}")
         self.max_iter, self.min_lr, self.max_lr = max_iter, min_lr, max_lr
         self.lrs, self.losses, self.saved, self.stop_reason = [], [], None, None
 
@@ -174,8 +196,11 @@ class LR_Find(Callback):
         loss = self.loss.item()   # one sync per step: the stopping rule needs the value
         self.lrs.append(self.opt.param_groups[-1]['lr'])
         self.losses.append(loss)
-        if not math.isfinite(loss) or loss > 10 * self.best_loss: self.stop('the loss exploded')
+        if self.exploded(loss): self.stop('the loss exploded')
         self.best_loss = min(self.best_loss, loss)
+    def exploded(self, loss):
+        "Not finite, or above the best loss by more than 9 times the best loss's size: `loss > 10*best` when losses are positive, and any sign works."
+        return not math.isfinite(loss) or (self.best_loss != 0 and loss - self.best_loss > 9 * abs(self.best_loss))
     def after_step(self):
         if self.n_iter >= self.max_iter: self.stop('it reached max_lr')
     def stop(self, reason):
@@ -210,16 +235,16 @@ class LR_Find(Callback):
         plt.plot(self.lrs[:len(smooth[:n])], smooth[:n], label='smoothed loss')
         if lr is not None: plt.axvline(lr, color='red', linestyle='--', label=f'suggested lr {lr:.2g}')
         plt.legend()
-# %% nbs/05b_early_stopping.ipynb cell 41
-import numbers, warnings
-
+# %% nbs/05b_early_stopping.ipynb cell 51
 class StopOnNanCallback(Callback):
     "Stops training (`CancelTrainException`) at the first training loss that is NaN or infinite; `found_at = (epoch, iteration)`."
+    all_ok = n_ok = None   # until the first training step
     def __init__(self, check_every=None):
         if check_every is not None and (not isinstance(check_every, numbers.Integral) or check_every < 1):
             raise ValueError(f"StopOnNanCallback: check_every must be None or an integer >= 1, got {check_every!r}")
-        self.check_every, self.found_at = check_every, None
+        self.check_every, self.found_at, self.epoch_start = check_every, None, 0
     def begin_fit(self): self.found_at, self.all_ok, self.n_ok = None, None, None
+    def begin_epoch(self): self.epoch_start = self.n_iter
     def after_loss(self):
         if not self.in_train: return
         finite = torch.isfinite(self.loss.detach())
@@ -238,9 +263,10 @@ class StopOnNanCallback(Callback):
         "Read the device flag (one sync); on a bad loss, report it and stop training."
         if self.all_ok is None or self.found_at is not None or bool(self.all_ok): return
         self.found_at = (self.epoch, int(self.n_ok))
-        print(f"StopOnNanCallback: the training loss was NaN or infinite at epoch {self.found_at[0]}, iteration {self.found_at[1]}; training stopped.")
+        print(f"StopOnNanCallback: the training loss was NaN or infinite at epoch {self.found_at[0]}, step {self.found_at[1] - self.epoch_start} "
+              f"of the epoch (step {self.found_at[1]} of the fit, both counted from 0); training stopped.")
         if stop: raise CancelTrainException()
-# %% nbs/05b_early_stopping.ipynb cell 47
+# %% nbs/05b_early_stopping.ipynb cell 56
 import importlib.util, sys, time
 from tqdm import tqdm
 from tqdm.notebook import tqdm as notebook_tqdm
@@ -263,37 +289,59 @@ def progress_mode(mode='auto', file=None):
     if mode == 'auto': mode = 'notebook' if in_notebook() else 'text' if is_tty(file or sys.stderr) else 'off'
     return 'text' if mode == 'notebook' and importlib.util.find_spec('ipywidgets') is None else mode
 
-def format_time(secs): return f'{int(round(secs)) // 60}:{int(round(secs)) % 60:02d}'
-# %% nbs/05b_early_stopping.ipynb cell 48
+def format_time(secs):
+    "`m:ss.s`: `format_time(5.42)` is `'0:05.4'`."
+    secs = round(secs, 1)
+    return f'{int(secs // 60)}:{secs % 60:04.1f}'
+
+def text_output(text): return {'text/plain': text}   # a display of plain text (`raw=True`)
+# %% nbs/05b_early_stopping.ipynb cell 57
 class ProgressCallback(Callback):
     "A bar over the batches of each pass with its mean loss, and a table row per epoch; `tqdm_kwargs` go to tqdm."
+    shown, stats, bar = 'off', None, None   # until begin_fit
     def __init__(self, mode='auto', file=None, refresh_secs=0.5, **tqdm_kwargs):
         progress_mode(mode)   # reject an unknown mode now
-        self.mode, self.file, self.refresh_secs, self.tqdm_kwargs, self.bar = mode, file, refresh_secs, tqdm_kwargs, None
+        self.mode, self.file, self.refresh_secs, self.tqdm_kwargs = mode, file, refresh_secs, tqdm_kwargs
     def begin_fit(self):
         self.shown, self.stats = progress_mode(self.mode, self.file), getattr(self.run, 'avg_stats', None)
         if self.shown == 'off': return
         if self.stats is not None: self.stats_printed, self.stats.print_stats = self.stats.print_stats, False   # one table instead
         metrics = [getattr(m, '__name__', 'metric') for m in (self.stats.valid_stats.metrics if self.stats else [])]
+        self.rows = []
+        if self.shown == 'notebook':   # two display areas: the table, and below it the bar of the current pass
+            from IPython.display import DisplayHandle
+            self.table, self.bar_area = DisplayHandle(), DisplayHandle()
+            self.table.display(text_output(''), raw=True); self.bar_area.display(text_output(''), raw=True)
         self.write(['epoch', 'train_loss', 'valid_loss', *metrics, 'time'])
-    def write(self, row): print('  '.join(f'{o:>10}' for o in row), file=self.file if self.shown == 'text' else None)
+    def write(self, row):
+        self.rows.append('  '.join(f'{o:>10}' for o in row))
+        if self.shown == 'text': print(self.rows[-1], file=self.file)
+        else: self.table.update(text_output('\n'.join(self.rows)), raw=True)
     def begin_epoch(self): self.start, self.sums, self.counts = time.perf_counter(), {True: 0., False: 0.}, {True: 0, False: 0}
     def after_loss(self):   # the pass's loss weighted by batch size, summed on the device
         self.sums[self.in_train] = self.sums[self.in_train] + self.loss.detach() * self.xb.shape[0]
         self.counts[self.in_train] += self.xb.shape[0]
     def mean_loss(self, in_train): return float(self.sums[in_train]) / self.counts[in_train] if self.counts[in_train] else math.nan
+    def new_bar(self):
+        desc = f"epoch {self.epoch} {'train' if self.in_train else 'valid'}"
+        if self.shown == 'text':   # no wider than the table, so that a row overwrites the erased bar completely
+            return tqdm(total=self.iters, desc=desc, leave=False, file=self.file, **{'ncols': len(self.rows[0]), **self.tqdm_kwargs})
+        bar = notebook_tqdm(total=self.iters, desc=desc, leave=False, display=False, **self.tqdm_kwargs)
+        self.bar_area.update(bar.container)
+        return bar
     def after_batch(self):
         if self.shown == 'off': return
-        if self.bar is None:
-            bar = notebook_tqdm if self.shown == 'notebook' else partial(tqdm, file=self.file, dynamic_ncols=True)
-            desc = f"epoch {self.epoch} {'train' if self.in_train else 'valid'}"
-            self.bar, self.refreshed = bar(total=self.iters, desc=desc, leave=False, **self.tqdm_kwargs), time.perf_counter()
+        if self.bar is None: self.bar, self.refreshed = self.new_bar(), time.perf_counter()
         if time.perf_counter() - self.refreshed >= self.refresh_secs:   # the only read of the loss, throttled
             self.bar.set_postfix_str(f'loss {self.mean_loss(self.in_train):.4f}', refresh=False)
             self.refreshed = time.perf_counter()
         self.bar.update(1)
     def close_bar(self):
-        if self.bar is not None: self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+            if self.shown == 'notebook':   # the saved notebook keeps no widget: empty the display, close the widgets
+                self.bar_area.update(text_output(''), raw=True)
+                for w in [*self.bar.container.children, self.bar.container]: w.close()
         self.bar = None
     def begin_validate(self): self.close_bar()
     def after_epoch(self):
@@ -310,4 +358,5 @@ from exp.nb_05a import __all__ as _nb_05a_all
 __all__ = [*_nb_05a_all, 'CancelTrainException', 'CancelEpochException', 'CancelBatchException',
            'Callback', 'TrainEvalCallback', 'Runner', 'AvgStatsCallback', 'Recorder',
            'ParamScheduler', 'debiased_ewma', 'LR_Find', 'StopOnNanCallback', 'PROGRESS_MODES',
-           'in_notebook', 'is_tty', 'progress_mode', 'format_time', 'ProgressCallback']
+           'in_notebook', 'is_tty', 'progress_mode', 'format_time', 'text_output',
+           'ProgressCallback']

@@ -221,10 +221,10 @@ def test_returning_true_from_begin_epoch_or_begin_validate_skips_the_pass_quietl
 
 def test_iters_is_set_before_the_pass_begins():
     seen = []
-    class Iters(Callback):
+    class SeeIters(Callback):
         def begin_epoch(self): seen.append(self.iters)
         def begin_validate(self): seen.append(self.iters)
-    Runner(cb_funcs=Iters).fit(1, toy_learner())
+    Runner(cb_funcs=SeeIters).fit(1, toy_learner())
     assert seen == [3, 2]
 
 
@@ -456,7 +456,7 @@ def test_stop_on_nan_stops_at_the_first_bad_loss_on_cpu(bad, capsys):
     run = Runner(cbs=log, cb_funcs=[StopOnNanCallback, Counting])
     run.fit(3, learn)
     assert run.stop_on_nan.found_at == (1, 4)
-    assert 'epoch 1, iteration 4' in capsys.readouterr().out
+    assert 'at epoch 1, step 1 of the epoch (step 4 of the fit, both counted from 0)' in capsys.readouterr().out
     assert log.log[-5:] == ['after_pred', 'after_loss', 'after_batch', 'after_cancel_train', 'after_fit']
     assert run.counting.steps == 4                      # stopped before the bad step
     assert all_finite(learn.model)
@@ -516,7 +516,7 @@ def test_stop_on_nan_checks_every_n_steps_and_finds_the_exact_step(bad_at, found
     assert cb.found_at == found_at
     assert cb.checks == checks
     assert run.counting.steps == steps
-    assert f'epoch {found_at[0]}, iteration {found_at[1]}' in capsys.readouterr().out
+    assert f'epoch {found_at[0]}, step {found_at[1] - 3 * found_at[0]} of the epoch (step {found_at[1]} of the fit' in capsys.readouterr().out
 
 
 def test_stop_on_nan_check_every_none_checks_each_step_on_cpu():
@@ -534,7 +534,7 @@ def test_stop_on_nan_reports_a_bad_loss_when_the_fit_is_cancelled_between_checks
     run = Runner(cb_funcs=[partial(StopOnNanCallback, check_every=100), StopAt2])
     run.fit(2, toy_learner(loss_func=scheduled_loss(factors)))
     assert run.stop_on_nan.found_at == (0, 1)
-    assert 'epoch 0, iteration 1' in capsys.readouterr().out
+    assert 'epoch 0, step 1 of the epoch (step 1 of the fit' in capsys.readouterr().out
 
 
 def test_stop_on_nan_resets_between_fits():
@@ -587,7 +587,8 @@ def test_stop_on_nan_on_cuda_never_syncs_between_checks(capsys):
     finally: torch.cuda.set_sync_debug_mode('default')
     assert cb.found_at == (1, 37)
     assert cb.checks == 6   # n_iter 9, 19, 29, the end of epoch 0, 39 (found), after_fit
-    assert 'epoch 1, iteration 37' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'at epoch 1, step ' in out and '(step 37 of the fit' in out
 
 # --- ProgressCallback -----------------------------------------------------------------------------
 
@@ -681,4 +682,176 @@ def test_progress_without_avg_stats_and_format_time():
     Runner(cb_funcs=partial(ProgressCallback, mode='text', file=buf)).fit(1, toy_learner())
     header = [l for l in buf.getvalue().split('\n') if 'train_loss' in l]
     assert header[0].split() == ['epoch', 'train_loss', 'valid_loss', 'time']
-    assert format_time(5.4) == '0:05' and format_time(125) == '2:05'
+    assert format_time(5.42) == '0:05.4' and format_time(125) == '2:05.0' and format_time(0.04) == '0:00.0'
+    assert format_time(59.97) == '1:00.0'   # the time column shows tenths: a sub-second epoch is not 0:00
+
+
+# --- when a fit fails, bad arguments ---------------------------------------------------------------
+
+class FailsToBegin(Callback):
+    _order = -1
+    def begin_fit(self): raise RuntimeError('begin_fit failed')
+
+
+def test_failure_in_begin_fit_reaches_the_user_unchanged():
+    buf = io.StringIO()
+    learn = toy_learner(momentum=0.9)
+    run = Runner(cb_funcs=[FailsToBegin, partial(AvgStatsCallback, accuracy), StopOnNanCallback, LR_Find,
+                           partial(ProgressCallback, mode='text', file=buf), Recorder])
+    with pytest.raises(RuntimeError, match='begin_fit failed') as e: run.fit(1, learn)
+    assert not getattr(e.value, '__notes__', None)   # no AttributeError from an after_fit (all_ok, shown)
+    assert run.learn is None and run.avg_stats.print_stats and buf.getvalue() == ''
+    run.cbs = [cb for cb in run.cbs if not isinstance(cb, FailsToBegin)]   # the same runner fits afterwards
+    run.fit(1, learn)
+    assert run.stop_on_nan.found_at is None and 'train_loss' in buf.getvalue()
+
+
+def test_every_after_fit_runs_and_the_first_error_is_raised():
+    ran = []
+    class BadCleanup(Callback):
+        _order = 1
+        def after_fit(self):
+            ran.append('bad')
+            raise KeyError('cleanup')
+    class Last(Callback):
+        _order = 2
+        def after_fit(self): ran.append('last')
+    class FailsInBatch(Callback):
+        def after_pred(self): raise ValueError('shape error')
+    learn = toy_learner()
+    before = clone_state(learn)
+    buf = io.StringIO()
+    run = Runner(cb_funcs=[FailsInBatch, LR_Find, BadCleanup, Last, partial(ProgressCallback, mode='text', file=buf)])
+    with pytest.raises(ValueError, match='shape error') as e: run.fit(1, learn)
+    assert ran == ['bad', 'last'] and run.learn is None and run.progress.bar is None
+    assert e.value.__notes__ == ["then BadCleanup.after_fit failed too: KeyError: 'cleanup'"]
+    assert_same_state(learn, before)                 # LR_Find's after_fit ran
+    ran.clear()
+    with pytest.raises(KeyError, match='cleanup'): Runner(cb_funcs=[BadCleanup, Last]).fit(1, toy_learner())
+    assert ran == ['bad', 'last']
+    ran.clear()
+    with pytest.raises(KeyboardInterrupt):           # an interrupt too: every after_fit, then the interrupt
+        Runner(cb_funcs=[partial(Log, 'after_step', KeyboardInterrupt), BadCleanup, Last]).fit(1, toy_learner())
+    assert ran == ['bad', 'last']
+
+
+def test_runner_refuses_bad_arguments():
+    with pytest.raises(TypeError, match=r'cbs= takes callback objects, got the class LR_Find: pass LR_Find\(\) in cbs=, or LR_Find in cb_funcs='):
+        Runner(cbs=LR_Find)
+    with pytest.raises(TypeError, match='cb_funcs= takes classes or functions that make a callback, got a Recorder object: pass it in cbs='):
+        Runner(cb_funcs=Recorder())
+    for name, attr in (('DataCallback', 'data'), ('Fit', 'fit'), ('OneBatch', 'one_batch'), ('Epoch', 'epoch')):
+        with pytest.raises(ValueError, match=f"would be reachable as run.{attr}, but run.{attr} is the runner's own"):
+            Runner(cb_funcs=type(name, (Callback,), {}))
+    assert isinstance(Runner(cb_funcs=type('StopCallback', (Callback,), {})).stop, Callback)   # no run.stop flag here
+    log = Log()
+    run = Runner(cbs=log)
+    run.fit(0, toy_learner())
+    assert log.log == []
+    with pytest.raises(ValueError, match='epochs must be a whole number >= 0, got -1'): run.fit(-1, toy_learner())
+
+
+def test_returning_true_from_begin_batch_is_ignored():
+    class ReturnsTrue(Callback):
+        def begin_batch(self): return True
+        def after_pred(self): return True
+    log = Log()
+    run = Runner(cbs=log, cb_funcs=[ReturnsTrue, Counting])
+    run.fit(2, toy_learner())
+    assert log.log == FIT and run.counting.steps == 6
+
+
+def test_param_scheduler_names_the_optimizers_hyper_parameters():
+    for pname in ('mom', 'lrr'):
+        learn = toy_learner(momentum=0.9)
+        with pytest.raises(ValueError, match=f"ParamScheduler\\('{pname}'\\): SGD has no hyper-parameter '{pname}'; its hyper-parameters are 'lr', 'momentum'"):
+            Runner(cb_funcs=partial(ParamScheduler, pname, sched_lin(0.9, 0.5))).fit(1, learn)
+        assert pname not in learn.opt.param_groups[0]
+
+
+@pytest.mark.parametrize('offset', [-10., -2.])
+def test_lr_find_works_for_negative_losses(offset):
+    learn = toy_learner(toy_bunch(n_train=40), loss_func=lambda pred, yb: F.cross_entropy(pred, yb) + offset)
+    run = Runner(cb_funcs=partial(LR_Find, max_iter=8, min_lr=1e-8, max_lr=1e-6))
+    run.fit(1, learn)
+    lrf = run.lr_find
+    assert max(lrf.losses) < 0 and len(lrf.losses) == 9 and lrf.stop_reason == 'it reached max_lr'
+    assert lrf.suggested_lr > 1e-9
+
+
+def test_lr_find_a_first_loss_of_zero_does_not_explode():
+    factors = [0., 1., 1., 1.]   # the first loss is 0, then positive
+    learn = toy_learner(toy_bunch(n_train=40), loss_func=scheduled_loss(factors))
+    run = Runner(cb_funcs=partial(LR_Find, max_iter=5, min_lr=1e-8, max_lr=1e-6))
+    run.fit(1, learn)
+    assert run.lr_find.losses[0] == 0 and len(run.lr_find.losses) == 6 and run.lr_find.stop_reason == 'it reached max_lr'
+
+
+def test_lr_find_still_stops_on_a_loss_rising_far_above_a_negative_best():
+    factors = [1., 1., 1., -30.]   # a loss shifted by -2: about -1, then far above it
+    shifted = scheduled_loss(factors)
+    learn = toy_learner(toy_bunch(n_train=40), loss_func=lambda pred, yb: -(shifted(pred, yb) - 2.))
+    run = Runner(cb_funcs=partial(LR_Find, max_iter=100, min_lr=1e-8, max_lr=1e-6))
+    run.fit(1, learn)
+    assert run.lr_find.stop_reason == 'the loss exploded' and len(run.lr_find.losses) == 4
+
+
+@pytest.mark.parametrize('kwargs', [dict(max_lr=math.inf), dict(min_lr=1e-3, max_lr=1e-5), dict(min_lr=-math.inf)])
+def test_lr_find_refuses_a_non_finite_or_inverted_range(kwargs):
+    with pytest.raises(ValueError, match=r'LR_Find: need 0 < min_lr < max_lr < inf'): LR_Find(**kwargs)
+
+
+def jupyterlab_text(out):
+    "What JupyterLab (or a terminal) shows for a stream with '\\r': each '\\r' goes back to the start of the line and overwrites."
+    lines = []
+    for line in out.split('\n'):
+        shown = ''
+        for part in line.split('\r'): shown = part + shown[len(part):]
+        lines.append(shown)
+    return lines
+
+
+def test_progress_text_rows_have_no_trailing_spaces():
+    buf = io.StringIO()
+    fit_with_progress(epochs=2, mode='text', file=buf, refresh_secs=0, mininterval=0)
+    lines = [l for l in jupyterlab_text(buf.getvalue()) if l]
+    assert [l.split()[0] for l in lines] == ['epoch', '0', '1']
+    assert all(l == l.rstrip() for l in lines), [l for l in lines if l != l.rstrip()]
+    assert {len(l) for l in lines} == {len(lines[0])}
+
+
+NOTEBOOK_FIT = """
+import torch
+from functools import partial
+from torch import nn, optim
+import torch.nn.functional as F
+from exp.nb_05b import *
+torch.manual_seed(0)
+x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+data = DataBunch(*get_dls(Dataset(x, y), Dataset(x, y), 4), 3)
+model = nn.Sequential(nn.Linear(4, 3))
+run = Runner(cb_funcs=[partial(AvgStatsCallback, accuracy), ProgressCallback])
+run.fit(2, Learner(model, optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, data))
+print(progress_mode('auto'))
+"""
+
+
+def test_progress_notebook_mode_saves_no_widget(tmp_path):
+    nbformat, nbclient = pytest.importorskip('nbformat'), pytest.importorskip('nbclient')
+    pytest.importorskip('ipywidgets'); pytest.importorskip('ipykernel')
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(NOTEBOOK_FIT)])
+    nbclient.NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
+    outputs = nb.cells[0].outputs
+    assert outputs[-1].text == 'notebook\n'   # it ran in widget mode
+    shown = [o for o in outputs if o.output_type == 'display_data']
+    assert all(list(o.data) == ['text/plain'] for o in shown), [list(o.data) for o in shown]
+    table = [o.data['text/plain'] for o in shown if o.data['text/plain']]
+    assert len(table) == 1
+    rows = table[0].split('\n')
+    assert rows[0].split() == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'time'] and [r.split()[0] for r in rows[1:]] == ['0', '1']
+    saved = nbformat.writes(nbformat.v4.new_notebook(cells=nb.cells))   # the cell and its outputs, as saved
+    assert 'widget-view' not in saved and '0%' not in saved
+    nb.metadata.pop('widgets', None)   # as run_notebooks.py saves it (JupyterLab keeps no widget state by default)
+    nbconvert = pytest.importorskip('nbconvert')
+    html, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
+    assert 'train_loss' in html and '0%|' not in html and 'widget-view' not in html
