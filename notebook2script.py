@@ -1,625 +1,177 @@
 #!/usr/bin/env python3
-"""Export the ``#export`` cells of numbered notebooks into importable modules.
-
-Usage (notebook paths may be relative to the current directory)::
+"""Export the `#export` cells of the numbered notebooks in nbs/ into modules in exp/.
 
     python notebook2script.py nbs/05_training_loop.ipynb   # writes exp/nb_05.py
-    python notebook2script.py --all     # export every numbered notebook in nbs/
-    python notebook2script.py --check   # exit 1 if any exp/nb_*.py is out of date
+    python notebook2script.py --all     # every numbered notebook in nbs/
+    python notebook2script.py --check   # which modules of exp/ are stale, missing or orphaned
 
-A code cell is exported when its first line is an export marker: ``#export``,
-``# export``, ``#|export`` or ``#| export`` (any case, surrounding whitespace
-allowed). ``NN[letters]_name.ipynb`` becomes ``exp/nb_NN[letters].py``, e.g.
-``05a_x.ipynb`` -> ``exp/nb_05a.py``. A notebook without export cells produces
-no module. Notebooks are read with nbformat, as version 4 (older formats are
-converted).
-
-The module. A header line names the source notebook. Then, in notebook order,
-each exported cell's code (the marker line and the blank lines around the code
-dropped) under a line naming its cell, which also separates it from the cell
-before::
-
-    # %% nbs/07_batchnorm.ipynb cell 14
-
-so that a traceback into exp/ leads back to the notebook. Cells are numbered
-from 0 by their index in the notebook's list of cells, markdown cells included:
-the numbering run_notebooks.py uses when it reports a failing cell.
-
-``__all__``, at the end of the module, lists what ``from exp.nb_XX import *``
-gives, so that it leaks no incidental module and no private name:
-
-(a) every top-level ``def``/``class`` and assignment target (tuple targets and
-    annotated assignments with a value included; also in the blocks of a
-    top-level ``if``/``try``/``with``) whose name does not start with ``_``, in
-    the order of first definition, without repeats;
-(b) the names bound by the ``import``/``from ... import`` statements of the
-    notebook's FIRST exported cell, the cell that sets up the namespace every
-    later notebook relies on (``import torch.nn.functional as F`` binds ``F``,
-    ``import a.b`` binds ``a``). Imports in later cells are private;
-(c) what the module gets by ``from exp.nb_YY import *`` (in any exported
-    cell), referenced rather than copied::
-
-        from exp.nb_05 import __all__ as _nb_05_all
-        __all__ = [*_nb_05_all, 'name1', 'name2', ...]
-
-    (lines of at most 100 characters). A star import of any other module adds
-    nothing to ``__all__``. A name of (a) or (b) that a previous module also
-    lists appears twice, which ``import *`` does not mind.
-
-A name bound in only one branch of an ``if``/``try`` is listed all the same, so
-it must exist whichever branch runs, or ``import *`` fails.
-
-Errors. All notebooks are read, validated and every module compiled before
-anything is written. Bad input prints one line on stderr and exits 2, e.g.
-``notebook2script.py: nbs/07_batchnorm.ipynb cell 14: syntax error: invalid
-syntax (line 3 of the cell)`` (lines counted as the notebook shows the cell,
-marker line first). ``--check`` never writes: it reports the same errors (exit
-2), else exits 1 listing each stale, missing or orphaned module (an
-``exp/nb_*.py`` no numbered notebook produces), or prints one OK line, exit 0.
-
-Writing. Output is deterministic (same notebook, same bytes). exp/ changes all
-at once: every module is first written to a temporary file beside it, then
-all are moved into place with ``os.replace`` while SIGINT and SIGTERM are held
-back. An interrupt while the temporary files are written removes them and
-exits 130 with one line, exp/ untouched; one during the moves takes effect once
-every module is in place. ``write_atomic(path, data)``, the one-file version,
-is shared with run_notebooks.py and benchmarks/norm_study.py.
-
-The project root is the directory holding this script: notebooks live in
-``<root>/nbs`` and modules in ``<root>/exp`` (created, with an empty
-``__init__.py``, when missing), whatever the current directory is.
+A code cell whose first line is `#export` (or `# export`, `#|export`) goes into the module under a
+line `# %% nbs/<notebook> cell <N>` (cells counted from 0, markdown included), so that a traceback
+leads back to the cell. `__all__` says what `from exp.nb_XX import *` gives: the previous module's
+`__all__`, the imports of the first exported cell (the namespace the lessons work in) and every
+public name the exported cells define.
 """
-import argparse
-import ast
-import json
-import os
-import re
-import signal
-import sys
-import tempfile
-import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
+import argparse, ast, re, sys, textwrap, warnings
 from pathlib import Path
 
-PROG = "notebook2script.py"
-ROOT = Path(__file__).resolve().parent
-NBS_DIR = ROOT / "nbs"
-EXP_DIR = ROOT / "exp"
-PREFIX_RE = re.compile(r"(\d+[a-z]*)_")
-MARKER_RE = re.compile(r"\s*#\s*\|?\s*export\s*", re.IGNORECASE)
-EXP_MODULE_RE = re.compile(r"exp\.(nb_\w+)")  # modules this script writes, so they have __all__
-HEADER = ("# AUTOGENERATED by notebook2script.py from {src} -- DO NOT EDIT, "
-          "edit the notebook and re-export.")
-CELL_LINE = "# %% {src} cell {index}"
-ALL_WIDTH = 100
-NESTED_BLOCKS = (ast.If, ast.Try, getattr(ast, "TryStar", ast.Try), ast.With, ast.AsyncWith)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-EXIT_INTERRUPTED = 130
+import nbformat
+
+from nbtools import EXP, NBS, ROOT, number, numbered_notebooks, write_atomic  # noqa: F401 (write_atomic: for benchmarks/)
+
+MARKER = re.compile(r"\s*#\s*\|?\s*export\s*", re.IGNORECASE)  # the whole first line
+LOOKS_LIKE_MARKER = re.compile(r"\s*#\s*\|?\s*export", re.IGNORECASE)  # '#exports', '#export: x'
+HEADER = "# AUTOGENERATED by notebook2script.py from {} -- DO NOT EDIT, edit the notebook and re-export."
+PREVIOUS = re.compile(r"exp\.(nb_\w+)")  # `from exp.nb_05 import *`
+BLOCKS = (ast.If, ast.Try, getattr(ast, "TryStar", ast.Try), ast.ExceptHandler, ast.With, ast.AsyncWith)
 
 
-class ExportError(Exception):
-    """A problem with one input, reported as a single 'file: problem' line."""
-
-    def __init__(self, shown, problem):
-        super().__init__(f"{shown}: {problem}")
-
-
-class ArgParser(argparse.ArgumentParser):
-    """Argument parser that reports usage errors as one line, exit code 2."""
-
-    def error(self, message):
-        """Print a one-line usage error and exit 2."""
-        self.exit(2, f"{PROG}: {message} (see --help)\n")
+class Bad(Exception):
+    "Input we cannot export: one line saying what and where."
 
 
 def rel(path):
-    """Return path relative to the project root in posix form, if it is inside it."""
+    "`path` as shown in the modules and messages: relative to the project root when inside it."
+    path = Path(path).resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
+def code_cells(path, shown):
+    "[(index, source)] of the notebook's code cells, the index counting all its cells from 0."
+    if not path.is_file() or path.suffix != ".ipynb":
+        raise Bad(f"{shown}: no such notebook (expected a .ipynb file)")
     try:
-        return path.relative_to(ROOT).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def module_path(nb_path):
-    """Return exp/nb_<prefix>.py for a numbered notebook path, or None if unnumbered."""
-    match = PREFIX_RE.match(nb_path.name)
-    if not match or not nb_path.name.endswith(".ipynb"):
-        return None
-    return EXP_DIR / f"nb_{match.group(1)}.py"
-
-
-# --- reading notebooks ---------------------------------------------------------
-
-def read_text(path, shown):
-    """Return a file's text, or raise ExportError saying why it cannot be read."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ExportError(shown, "no such file") from None
-    except OSError as err:
-        raise ExportError(shown, f"cannot read file ({err.strerror})") from None
-    except UnicodeDecodeError:
-        raise ExportError(shown, "not a notebook (not UTF-8 text)") from None
-
-
-def parse_json(text, shown):
-    """Return the parsed JSON, or raise ExportError naming where it is invalid."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ExportError(shown, f"invalid JSON ({err.msg} at line {err.lineno} "
-                                 f"column {err.colno})") from None
-    except RecursionError:
-        raise ExportError(shown, "invalid JSON (nested too deeply)") from None
-
-
-def check_structure(nb, shown):
-    """Raise ExportError unless nb (raw JSON) has an nbformat field and, in format 4, cells.
-
-    nbformat itself would read a file without 'nbformat' as a version 1 notebook
-    (losing its cells) and reports a malformed one with an AttributeError."""
-    if not isinstance(nb, dict):
-        raise ExportError(shown, "not a notebook (top level is not a JSON object)")
-    if "nbformat" not in nb:
-        raise ExportError(shown, "not a notebook (no 'nbformat' field)")
-    if nb["nbformat"] != 4:  # older formats are converted by nbformat, newer ones refused
-        return
-    if not isinstance(nb.get("cells"), list):
-        raise ExportError(shown, "not a notebook (no 'cells' list)")
-    for i, cell in enumerate(nb["cells"]):
-        if not isinstance(cell, dict):
-            raise ExportError(shown, f"not a notebook (cell {i} is not an object)")
-        source = cell.get("source")
-        if cell.get("cell_type") == "code" and not (
-                isinstance(source, str)
-                or isinstance(source, list) and all(isinstance(s, str) for s in source)):
-            raise ExportError(shown, f"not a notebook (cell {i} source is not a string "
-                                     "or list of strings)")
-
-
-def read_notebook(path, shown):
-    """Read a notebook with nbformat, as version 4, after checks that give one-line errors."""
-    import nbformat  # here, not at the top: it takes a second, which write_atomic's users need not pay
-    text = read_text(path, shown)
-    check_structure(parse_json(text, shown), shown)
-    try:
-        with warnings.catch_warnings():  # e.g. about cells without ids, which we do not need
+        with warnings.catch_warnings():  # e.g. cells without ids: not needed here
             warnings.simplefilter("ignore")
-            return nbformat.reads(text, as_version=4)  # what nbformat.read does with the text
-    except Exception as err:  # an unsupported version, or a shape nbformat cannot convert
-        raise ExportError(shown, f"not a notebook ({str(err).splitlines()[0]})") from None
-
-
-# --- building a module ---------------------------------------------------------
-
-@dataclass
-class ExportCell:
-    """The code of one exported cell and where it comes from."""
-    index: int        # position in the notebook's cells, from 0
-    code: str
-    first_line: int   # line of the notebook cell where `code` starts (1: the marker line)
-    module_line: int = 0  # line of the module where `code` starts
-
-
-def exported_code(source):
-    """Return (code after the marker line, its first line in the cell) for an export cell, else None."""
-    lines = source.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    if not MARKER_RE.fullmatch(lines[0]):
-        return None
-    start = 1
-    while start < len(lines) and not lines[start].strip():
-        start += 1
-    body = lines[start:]
-    while body and not body[-1].strip():
-        body.pop()
-    return "\n".join(body), start + 1
-
-
-def export_cells(nb):
-    """The ExportCell of every non-empty export cell of a notebook, in order."""
-    cells = []
-    for i, cell in enumerate(nb.cells):
-        found = exported_code(cell.source) if cell.get("cell_type") == "code" else None
-        if found and found[0]:
-            cells.append(ExportCell(i, *found))
+            nb = nbformat.read(path, as_version=4)
+        cells = [(i, c.source) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+        if not all(isinstance(source, str) for _, source in cells):
+            raise ValueError("a cell's source is not text")
+    except Exception as e:
+        raise Bad(f"{shown}: not a notebook ({(str(e) or type(e).__name__).splitlines()[0]})") from None
     return cells
 
 
-def join_cells(cells, src):
-    """The module text before __all__: header, then each cell under its '# %%' line."""
-    parts, line = [HEADER.format(src=src) + "\n"], 3  # the header and a blank line come first
-    for cell in cells:  # the '# %%' line alone separates one cell from the next
-        cell.module_line = line + 1
-        parts.append(f"{CELL_LINE.format(src=src, index=cell.index)}\n{cell.code}")
-        line += cell.code.count("\n") + 2  # marker line, code
-    return "\n".join(parts)
-
-
-def cell_line(cells, lineno):
-    """(the export cell, the line of that notebook cell) for line `lineno` of the module."""
-    cell = ([c for c in cells if c.module_line <= lineno] or cells)[-1]
-    return cell, cell.first_line + max(lineno - cell.module_line, 0)
-
-
-def syntax_error(err, cells, src):
-    """The ExportError for a SyntaxError in the module, its line numbers the notebook cell's."""
-    cell, line = cell_line(cells, err.lineno or 0)
-
-    def in_cell(match):  # "... on line 7" of the module -> of the notebook cell
-        other, other_line = cell_line(cells, int(match.group(1)))
-        return f"on line {other_line}" + ("" if other is cell else f" of cell {other.index}")
-    msg = re.sub(r"on line (\d+)", in_cell, err.msg)
-    return ExportError(f"{src} cell {cell.index}", f"syntax error: {msg} (line {line} of the cell)")
-
-
-def compiled(text, filename, cells, src, flags=0):
-    """Compile text; raise ExportError naming the notebook cell of a syntax error."""
+def compiled(code, line, filename):
+    "The syntax tree of one cell's code, its line numbers the cell's; Bad for a syntax error."
+    padded = "\n" * (line - 1) + code  # so that an error's line number is the cell's
     try:
-        with warnings.catch_warnings():  # SyntaxWarnings come back when the module is imported
+        with warnings.catch_warnings():  # SyntaxWarnings show when the module is imported
             warnings.simplefilter("ignore")
-            return compile(text, filename, "exec", flags, dont_inherit=True)
-    except SyntaxError as err:
-        raise syntax_error(err, cells, src) from None
-    except ValueError as err:  # e.g. a null byte in the source
-        raise ExportError(src, f"cannot compile ({err})") from None
-
-
-def build_module(nb, src, filename):
-    """Return the module text for a validated notebook, or None if nothing is exported."""
-    cells = export_cells(nb)
-    if not cells:
-        return None
-    body = join_cells(cells, src)
-    tree = compiled(body, filename, cells, src, ast.PyCF_ONLY_AST)
-    first_cell_end = cells[0].module_line + cells[0].code.count("\n")  # its last line
-    text = body + "\n\n" + all_block(*public_names(tree, first_cell_end)) + "\n"
-    compiled(text, filename, cells, src)
-    return text
-
-
-# --- __all__ -------------------------------------------------------------------
-
-def blocks(stmt):
-    """The statement lists inside an if/try/with statement, in source order."""
-    handlers = [handler.body for handler in getattr(stmt, "handlers", [])]
-    return [stmt.body, *handlers, getattr(stmt, "orelse", []), getattr(stmt, "finalbody", [])]
+            compile(padded, filename, "exec", dont_inherit=True)
+    except SyntaxError as e:
+        raise Bad(f"{filename}, line {e.lineno}: {e.msg}") from None
+    except ValueError as e:  # a null byte in the source (Python < 3.12)
+        raise Bad(f"{filename}: {e}") from None
+    return ast.parse(padded)
 
 
 def statements(body):
-    """The statements of body and, recursively, of the blocks of its if/try/with statements."""
+    "The statements of `body`, and of the blocks of its top-level if/try/with statements."
     for stmt in body:
         yield stmt
-        if isinstance(stmt, NESTED_BLOCKS):
-            for block in blocks(stmt):
-                yield from statements(block)
+        if isinstance(stmt, BLOCKS):
+            for block in ("body", "handlers", "orelse", "finalbody"):
+                yield from statements(getattr(stmt, block, []))
 
 
-def target_names(target):
-    """The names an assignment target binds: `a`, `a, (b, *c)`; not `x.a` or `x[0]`."""
-    if isinstance(target, ast.Name):
-        return [target.id]
-    if isinstance(target, (ast.Tuple, ast.List)):
-        return [name for elt in target.elts for name in target_names(elt)]
-    if isinstance(target, ast.Starred):
-        return target_names(target.value)
-    return []
-
-
-def defined_names(stmt):
-    """The names a def, class or assignment statement binds."""
-    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return [stmt.name]
-    if isinstance(stmt, ast.Assign):
-        return [name for target in stmt.targets for name in target_names(target)]
-    if isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-        return target_names(stmt.target)
-    return []
-
-
-def imported_names(stmt):
-    """The names an import statement binds (`import a.b` binds a); none for a star import."""
-    if isinstance(stmt, ast.Import):
-        return [alias.asname or alias.name.split(".")[0] for alias in stmt.names]
-    if isinstance(stmt, ast.ImportFrom):
-        return [alias.asname or alias.name for alias in stmt.names if alias.name != "*"]
-    return []
-
-
-def star_module(stmt):
-    """'nb_05' for `from exp.nb_05 import *`, else None."""
-    if isinstance(stmt, ast.ImportFrom) and stmt.level == 0 and stmt.names[0].name == "*":
-        match = EXP_MODULE_RE.fullmatch(stmt.module or "")
-        return match and match.group(1)
-    return None
-
-
-def public_names(tree, first_cell_end):
-    """(star-imported exp modules, own public names) of a module, by the docstring's rule."""
-    stars, names = [], []
+def names(tree, namespace_cell, previous):
+    "The names a cell binds at the top level (its imports too if it makes the namespace)."
     for stmt in statements(tree.body):
-        found = defined_names(stmt)
-        if stmt.lineno <= first_cell_end:
-            found += imported_names(stmt)
-        module = star_module(stmt)
-        if module and module not in stars:
-            stars.append(module)
-        names += [n for n in found if not n.startswith("_") and n not in names]
-    return stars, names
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield stmt.name
+        elif isinstance(stmt, ast.Assign) or isinstance(stmt, ast.AnnAssign) and stmt.value:
+            for target in stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]:
+                yield from (node.id for node in ast.walk(target)  # `a, (b, *c) = ...`; not `x.a = ...`
+                            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store))
+        elif isinstance(stmt, ast.ImportFrom) and stmt.names[0].name == "*":
+            match = PREVIOUS.fullmatch(stmt.module or "")
+            if match and stmt.level == 0 and match.group(1) not in previous:
+                previous.append(match.group(1))
+        elif namespace_cell and isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            yield from (a.asname or a.name.split(".")[0] for a in stmt.names)
 
 
-def all_block(stars, names):
-    """The lines that define __all__ from the star-imported modules' lists and the own names."""
-    imports = [f"from exp.{m} import __all__ as _{m}_all" for m in stars]
-    items = [f"*_{m}_all" for m in stars] + [repr(n) for n in names]
-    return "\n".join(imports + wrapped_list("__all__ = [", items))
+def all_lines(previous, public):
+    "`__all__` from the previous modules' lists and the public names, in lines of 100 characters."
+    items = ", ".join([f"*_{m}_all" for m in previous] + [repr(name) for name in public]) + "]"
+    return "\n".join([f"from exp.{m} import __all__ as _{m}_all" for m in previous] + [textwrap.fill(
+        items, 100, initial_indent="__all__ = [", subsequent_indent=" " * 11, break_on_hyphens=False)])
 
 
-def wrapped_list(opening, items, width=ALL_WIDTH):
-    """Lines `opening item, item, ...]` of at most width characters, aligned after opening."""
-    if not items:
-        return [opening + "]"]
-    pieces = [f"{item}," for item in items[:-1]] + [f"{items[-1]}]"]
-    lines, line = [], opening + pieces[0]
-    for piece in pieces[1:]:
-        if len(line) + 1 + len(piece) > width:
-            lines.append(line)
-            line = " " * len(opening) + piece
-        else:
-            line += " " + piece
-    return lines + [line]
+def module(path, shown):
+    "The text of the module a notebook exports, or None when it has no export cell."
+    src, parts, public, previous, namespace_found = rel(path), [], [], [], False
+    for i, source in code_cells(path, shown):
+        lines = source.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        code = [n for n, line in enumerate(lines) if n and line.strip()]  # after the marker line
+        if not MARKER.fullmatch(lines[0]) and LOOKS_LIKE_MARKER.match(source):
+            print(f"notebook2script.py: warning: {src} cell {i} is not exported: its first line "
+                  f"{lines[0].strip()!r} is not '#export'", file=sys.stderr)
+        if not MARKER.fullmatch(lines[0]) or not code:
+            continue
+        found = "\n".join(lines[code[0]:code[-1] + 1]), code[0] + 1
+        tree = compiled(*found, f"{src} cell {i}")
+        parts.append(f"# %% {src} cell {i}\n{found[0]}")
+        public += [n for n in names(tree, not namespace_found and bool(tree.body), previous)
+                   if not n.startswith("_") and n not in public]
+        namespace_found = namespace_found or bool(tree.body)  # a cell of only comments makes no namespace
+    if parts:
+        return "\n".join([HEADER.format(src) + "\n", *parts]) + "\n\n" + all_lines(previous, public) + "\n"
 
 
-# --- choosing notebooks --------------------------------------------------------
-
-def export_notebook(path, shown):
-    """Validate one notebook and return (module path, module text or None)."""
-    if not path.exists():
-        raise ExportError(shown, "no such file")
-    if not path.name.endswith(".ipynb"):
-        raise ExportError(shown, "not a .ipynb file")
-    mod = module_path(path)
-    if mod is None:
-        raise ExportError(shown, "name has no number prefix (expected e.g. 05_name.ipynb)")
-    return mod, build_module(read_notebook(path, shown), rel(path), rel(mod))
-
-
-def numbered_notebooks():
-    """Return (path, shown) for every numbered notebook directly in nbs/, sorted by name."""
-    if not NBS_DIR.is_dir():
-        raise ExportError(rel(NBS_DIR), "no such directory")
-    paths = sorted(p for p in NBS_DIR.iterdir() if p.is_file() and module_path(p))
-    return [(p, rel(p)) for p in paths]
+def modules(notebooks):
+    "{module path: (notebook, text)} for the (path, shown) of notebooks; nothing is written."
+    found = {}
+    for path, shown in notebooks:
+        if not number(path):
+            raise Bad(f"{shown}: not a numbered notebook (expected a name like 05_name.ipynb)")
+        mod, text = EXP / f"nb_{number(path)}.py", module(path, shown)
+        if mod in found:
+            raise Bad(f"{shown}: {rel(mod)} is also exported by {found[mod][0]}")
+        found[mod] = (rel(path), text)
+    return found
 
 
-def explicit_notebooks(args):
-    """Return (path, shown) for the notebooks named on the command line, without repeats."""
-    seen, result = set(), []
-    for arg in args:
-        path = Path(arg).resolve()
-        if path not in seen:
-            seen.add(path)
-            result.append((path, arg))
-    return result
-
-
-def build_all(targets):
-    """Export targets in memory: {module path: (notebook shown, text)} plus skipped notebooks."""
-    modules, skipped = {}, []
-    for path, shown in targets:
-        mod, text = export_notebook(path, shown)
-        if text is None:
-            skipped.append(rel(path))
-        elif mod in modules:
-            raise ExportError(shown, f"{rel(mod)} is also produced by {modules[mod][0]}")
-        else:
-            modules[mod] = (rel(path), text)
-    return modules, skipped
-
-
-# --- writing -------------------------------------------------------------------
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived, turned into an exception by stop_signals_raise()."""
-
-    def __init__(self, signum):
-        self.signame = signal.Signals(signum).name
-        self.note = ""  # what had been done when it came
-        super().__init__(self.signame)
-
-
-def raise_interrupted(signum, frame):
-    """Signal handler: raise Interrupted."""
-    raise Interrupted(signum)
-
-
-@contextmanager
-def stop_signals_raise():
-    """Within the block SIGINT and SIGTERM raise Interrupted (main thread only)."""
-    old = {sig: signal.signal(sig, raise_interrupted) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
-@contextmanager
-def stop_signals_blocked():
-    """Hold SIGINT and SIGTERM back within the block; one that came is delivered as it ends."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def remove_quietly(path):
-    """Delete a file if it is there."""
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def write_temp(path, data):
-    """Write data (str, as UTF-8, or bytes) to a new temporary file beside path; return its path.
-
-    The file gets path's mode (0o644 for a new path); it is removed if writing fails."""
-    path = Path(path)
-    try:
-        mode = path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        mode = 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(tmp, mode)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-    return Path(tmp)
-
-
-def write_atomic(path, data):
-    """Replace path's content with data (str or bytes) in one step, keeping the file's mode.
-
-    A temporary file in the same folder (created if missing), then os.replace: a
-    reader sees the old file or the new one, never half of one, and on any
-    failure the temporary file is removed."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = write_temp(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-
-
-@contextmanager
-def reported_as(mod):
-    """Turn an OSError within the block into an ExportError about writing mod."""
-    try:
-        yield
-    except OSError as err:
-        raise ExportError(rel(mod), f"cannot write ({err.strerror})") from None
-
-
-def write_modules(modules):
-    """Write every module into exp/: all old or all new, whatever fails or interrupts.
-
-    Each module goes to a temporary file first (an interrupt lands between two
-    files, never inside one); then all are moved into place with SIGINT and
-    SIGTERM held back. Leftover temporary files are removed on the way out."""
-    temps, replaced = {}, False
-    try:
-        for mod, (_, text) in modules.items():
-            with stop_signals_blocked(), reported_as(mod):
-                temps[mod] = write_temp(mod, text)
-        with stop_signals_blocked():
-            for mod in list(temps):
-                with reported_as(mod):
-                    os.replace(temps[mod], mod)
-                del temps[mod]
-            replaced = True
-    except Interrupted as err:
-        err.note = "every module had been replaced" if replaced else "exp/ was left as it was"
-        raise
-    finally:
-        with stop_signals_blocked():
-            for tmp in temps.values():
-                remove_quietly(tmp)
-
-
-def export(modules, skipped):
-    """Create exp/ (with __init__.py) if needed, write the modules and report each."""
-    if modules:
-        EXP_DIR.mkdir(exist_ok=True)
-        init = EXP_DIR / "__init__.py"
-        if not init.exists():
-            init.touch()
-    write_modules(modules)
-    for mod, (src, _) in modules.items():
-        print(f"exported {src} -> {rel(mod)}")
-    for src in skipped:
-        print(f"skipped {src} (no export cells)")
-
-
-# --- checking ------------------------------------------------------------------
-
-def read_bytes(path):
-    """Return a file's bytes, or None if it cannot be read."""
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
-
-
-def find_problems(modules, whole_project):
-    """Return sorted 'reason: module (detail)' lines for stale, missing and orphan modules."""
-    problems = []
-    for mod, (src, text) in modules.items():
-        if not mod.is_file():
-            problems.append((mod.name, f"missing: {rel(mod)} (not exported from {src})"))
-        elif read_bytes(mod) != text.encode("utf-8"):
-            problems.append((mod.name, f"stale: {rel(mod)} (differs from export of {src})"))
-    if whole_project and EXP_DIR.is_dir():
-        for mod in EXP_DIR.glob("nb_*.py"):
-            if mod not in modules:
-                problems.append((mod.name, f"orphan: {rel(mod)} (no numbered notebook "
-                                           "in nbs/ exports it)"))
-    return [line for _, line in sorted(problems)]
-
-
-def check(modules, whole_project):
-    """Compare exported text with exp/ without writing; return the exit code."""
-    problems = find_problems(modules, whole_project)
-    for line in problems:
-        print(line)
+def check(found, whole_project):
+    "Print which modules differ from the notebooks' export; the exit status (1 if any)."
+    problems = [f"missing: {rel(mod)} (export {src})" for mod, (src, text) in found.items()
+                if text and not mod.is_file()]
+    problems += [f"stale: {rel(mod)} (differs from the export of {src})" for mod, (src, text) in found.items()
+                 if text and mod.is_file() and mod.read_bytes() != text.encode("utf-8")]
+    exported_now = {mod for mod, (_, text) in found.items() if text}
+    if whole_project and EXP.is_dir():
+        problems += [f"orphan: {rel(mod)} (no numbered notebook in nbs/ exports it)"
+                     for mod in sorted(EXP.glob("nb_*.py")) if mod not in exported_now]
+    print("\n".join(problems) or f"OK: {len(exported_now)} module(s) up to date")
     if problems:
-        print(f"{PROG}: {len(problems)} module(s) out of date; "
-              "run 'python notebook2script.py --all'", file=sys.stderr)
-        return 1
-    print(f"OK: {len(modules)} module(s) up to date")
-    return 0
-
-
-# --- command line --------------------------------------------------------------
-
-def parse_args(argv):
-    """Parse the command line."""
-    parser = ArgParser(prog=PROG, description="Export #export notebook cells to exp/nb_*.py.")
-    parser.add_argument("notebooks", nargs="*", help="notebooks to export, e.g. nbs/05_x.ipynb")
-    parser.add_argument("--all", action="store_true",
-                        help="export every numbered notebook in nbs/")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 if exp/ does not match the notebooks; writes nothing")
-    args = parser.parse_args(argv)
-    if args.all and args.notebooks:
-        parser.error("give notebook paths or --all, not both")
-    if not (args.notebooks or args.all or args.check):
-        parser.error("no notebook given; pass NOTEBOOK..., --all or --check")
-    return args
+        print("notebook2script.py: exp/ is out of date: run 'python notebook2script.py --all'", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def main(argv=None):
-    """Run the command line; return the exit code (0 ok, 1 check failed, 2 error, 130 interrupted)."""
-    args = parse_args(argv)
+    parser = argparse.ArgumentParser(prog="notebook2script.py", description="Export #export cells to exp/.")
+    parser.add_argument("notebooks", nargs="*", help="notebooks to export, e.g. nbs/05_training_loop.ipynb")
+    parser.add_argument("--all", action="store_true", help="export every numbered notebook in nbs/")
+    parser.add_argument("--check", action="store_true", help="compare exp/ with the notebooks; write nothing")
+    args = parser.parse_args(argv)
+    if (args.all and args.notebooks) or not (args.all or args.check or args.notebooks):
+        parser.error("give notebooks to export, --all or --check")
     try:
-        with stop_signals_raise():
-            targets = explicit_notebooks(args.notebooks) if args.notebooks else numbered_notebooks()
-            modules, skipped = build_all(targets)
-            if args.check:
-                return check(modules, whole_project=not args.notebooks)
-            export(modules, skipped)
-    except ExportError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
+        if not args.notebooks and not NBS.is_dir():
+            raise Bad(f"{rel(NBS)}: no such folder")
+        notebooks = {Path(a).resolve(): a for a in args.notebooks} or {p: rel(p) for p in numbered_notebooks(NBS)}
+        found = modules(notebooks.items())
+    except Bad as e:
+        print(f"notebook2script.py: {e}", file=sys.stderr)
         return 2
-    except Interrupted as err:
-        print(f"{PROG}: interrupted by {err.signame}; {err.note or 'nothing was written'}",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    if args.check:
+        return check(found, whole_project=not args.notebooks)
+    if any(text for _, text in found.values()) and not (EXP / "__init__.py").exists():
+        write_atomic(EXP / "__init__.py", "")
+    for mod, (src, text) in found.items():  # one module at a time: --check says which are new
+        if text:
+            write_atomic(mod, text)
+        print(f"exported {src} -> {rel(mod)}" if text else f"skipped {src} (no export cells)")
     return 0
 
 
