@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nbformat
 
-from nbtools import EXP, NBS, ROOT, number, numbered_notebooks, write_atomic  # noqa: F401 (write_atomic: for benchmarks/)
+from nbtools import EXP, NBS, ROOT, number, numbered_notebooks, write_atomic  # noqa: F401 (benchmarks/)
 
 MARKER = re.compile(r"\s*#\s*\|?\s*export\s*", re.IGNORECASE)  # the whole first line
 LOOKS_LIKE_MARKER = re.compile(r"\s*#\s*\|?\s*export", re.IGNORECASE)  # '#exports', '#export: x'

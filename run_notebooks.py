@@ -60,8 +60,8 @@ def execute(nb, cwd, env, timeout):
                     client.shutdown_kernel = "immediate"  # do not wait for the cell
                     raise
     except CellExecutionError as e:
-        tb = [line for out in nb.cells[index].outputs for line in ANSI.sub("", "\n".join(out.get("traceback", []))).split("\n")
-              if line.strip("- ")]  # the kernel's traceback, without colours and rules
+        tb = ANSI.sub("", "\n".join(line for out in nb.cells[index].outputs for line in out.get("traceback", [])))
+        tb = [line for line in tb.split("\n") if line.strip("- ")]  # without colours and rules
         return index, "\n".join(tb[-20:] or [f"{e.ename}: {e.evalue}"])
     except CellTimeoutError:
         return index, f"timed out after {math.ceil(timeout)} s (see --timeout)"
@@ -88,7 +88,7 @@ def save(nb, path):
 
 def results(nb):
     "The text after `RESULT:` of every line the notebook printed that starts with it."
-    text = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", [])
+    text = "\n".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", [])
                    if out.get("name") == "stdout")
     return [line[len("RESULT:"):].strip() for line in text.splitlines() if line.startswith("RESULT:")]
 
@@ -111,14 +111,16 @@ def run_notebook(run, dest, quick, timeout, root, threads, out):
     error = execute(nb, run.path.parent, kernel_env(root, quick, threads), timeout)
     run.seconds, run.results, failed = time.monotonic() - start, results(nb), dest.parent / "failed" / dest.name
     if error:
-        run.status, (run.cell, run.failure), run.saved = "failed", error, failed
+        (run.cell, run.failure), target = error, failed
     elif (dest.read_bytes() if dest.exists() else None) != before:  # edited while it ran: keep the edit
-        run.status, run.saved = "ok", dest.parent / "run-copies" / dest.name
+        target = dest.parent / "run-copies" / dest.name
         run.note = f" ({shown(dest)} changed on disk while it ran: your version is kept)"
     else:
-        run.status, run.saved = "ok", dest
+        target = dest
+    save(nb, target)
+    run.saved, run.status = target, "failed" if error else "ok"
+    if not error:
         failed.unlink(missing_ok=True)
-    save(nb, run.saved)
 
 
 def failure_report(run):
@@ -187,19 +189,19 @@ def main(argv=None):
     named = lambda nb, w: Path(w).name.lower() in (number(nb), nb.stem.lower(), nb.name.lower())  # noqa: E731
     unknown = [w for w in args.notebooks if not any(named(nb, w) for nb in nbs)]
     if unknown or not nbs:
-        p.error(f"no notebook {', '.join(unknown)} in {args.nbs} (have: {', '.join(number(n) for n in nbs) or 'none'})")
+        p.error(f"no notebook {' '.join(unknown)} in {args.nbs} (have: {', '.join(number(n) for n in nbs) or 'none'})")
     out_dir = args.out or (args.nbs / "quick" if args.quick else None)
     if out_dir and out_dir.exists() and not out_dir.is_dir():
         p.error(f"--out {out_dir}: not a folder")
     root = args.nbs.resolve().parent
-    if not args.no_export:
-        print("exporting: python notebook2script.py --all", flush=True)
-        if subprocess.run([sys.executable, str(root / "notebook2script.py"), "--all"], cwd=root).returncode:
-            print("run_notebooks.py: the export failed; no notebook was run", file=sys.stderr)
-            return 1
     wanted = [nb for nb in nbs if not args.notebooks or any(named(nb, w) for w in args.notebooks)]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped, like Ctrl-C, with a summary
     try:
+        if not args.no_export:
+            print("exporting: python notebook2script.py --all", flush=True)
+            if subprocess.run([sys.executable, str(root / "notebook2script.py"), "--all"], cwd=root).returncode:
+                print("run_notebooks.py: the export failed; no notebook was run", file=sys.stderr)
+                return 1
         runs = run_notebooks(wanted, out_dir, args.quick, args.timeout, root, None, args.threads)
     except KeyboardInterrupt:
         print("run_notebooks.py: interrupted; the notebook that was running was not saved", file=sys.stderr)
