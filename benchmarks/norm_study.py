@@ -181,6 +181,10 @@ def main(argv=None):
 
     # a study resumes from its json; a smoke run always starts afresh
     results = json.loads(json_path.read_text()) if json_path.exists() and not args.smoke else {'runs': {}}
+    made_with = results.get('meta', {}).get('recipe')
+    if results['runs'] and made_with != RECIPE:
+        parser.error(f'{json_path} holds runs made with another recipe (another network or rule), which this study '
+                     f'would mix into its table: move it away, or pass --out to another folder. Its recipe: {made_with}')
     results['meta'] = {
         'command': 'python benchmarks/norm_study.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:])),
         'machine': f'{platform.machine()} CPU, {os.cpu_count()} cores, {args.workers} worker processes of 1 torch thread',

@@ -129,3 +129,13 @@ def test_run_one_builds_the_network_whose_last_convolution_sees_one_pixel(tiny_d
 
 def test_the_table_header_names_the_network():
     assert '8-16-32-64-64' in ns.RECIPE
+
+
+def test_a_study_made_with_another_recipe_is_not_resumed(tmp_path, capsys):
+    old = {'runs': {'mnist/BatchNorm/bs2/seed0': record('mnist', 'BatchNorm', 2, 0, 0.9)},
+           'meta': {'seeds': [0], 'recipe': 'conv 8-16-32-32 ...', 'command': '', 'machine': '', 'torch': '', 'date': ''}}
+    (tmp_path / 'norm_study.json').write_text(json.dumps(old))
+    with pytest.raises(SystemExit) as e: ns.main(['--out', str(tmp_path), '--seeds', '0'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'another recipe' in err and 'conv 8-16-32-32' in err and '--out' in err
+    assert json.loads((tmp_path / 'norm_study.json').read_text()) == old  # untouched
