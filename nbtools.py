@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 NBS, EXP = ROOT / "nbs", ROOT / "exp"
-NUMBERED = re.compile(r"(\d+[a-z]*)_.*\.ipynb", re.IGNORECASE)  # 05_x.ipynb, 05b_x.ipynb, 05B_x.ipynb
+NUMBERED = re.compile(r"(\d+[a-zA-Z]*)_.*\.ipynb")  # 05_x.ipynb, 05b_x.ipynb, 05B_x.ipynb
 
 
 def number(path):

@@ -75,7 +75,7 @@ def statements(body):
 
 
 def names(tree, namespace_cell, previous):
-    "The names a cell binds at the top level (its imports too if it makes the namespace)."
+    "A cell's top-level names (imports too in the namespace cell); `from exp.nb_XX import *` adds to `previous`."
     for stmt in statements(tree.body):
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             yield stmt.name
