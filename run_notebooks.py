@@ -191,8 +191,8 @@ def main(argv=None):
     if unknown or not nbs:
         p.error(f"no notebook {' '.join(unknown)} in {args.nbs} (have: {', '.join(number(n) for n in nbs) or 'none'})")
     out_dir = args.out or (args.nbs / "quick" if args.quick else None)
-    if out_dir and out_dir.exists() and not out_dir.is_dir():
-        p.error(f"--out {out_dir}: not a folder")
+    if out_dir and not next(d for d in [out_dir, *out_dir.resolve().parents] if d.exists()).is_dir():
+        p.error(f"--out {out_dir}: not a folder")  # found now, not once the notebooks have run
     root = args.nbs.resolve().parent
     wanted = [nb for nb in nbs if not args.notebooks or any(named(nb, w) for w in args.notebooks)]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped, like Ctrl-C, with a summary

@@ -184,7 +184,7 @@ def test_notebooks_are_chosen_by_number_in_the_sequence_order(nbs, monkeypatch, 
     assert "no notebook 07 in " in capsys.readouterr().err and len(ran) == 3
 
 
-@pytest.mark.parametrize("args", [["--out", "a_file"], ["--timeout", "0"], ["--threads", "0"], ["--timeout", "x"]])
+@pytest.mark.parametrize("args", [["--out", "a_file"], ["--out", "a_file/sub"], ["--timeout", "0"], ["--threads", "0"], ["--timeout", "x"]])
 def test_bad_arguments_are_refused_before_anything_runs(nbs, monkeypatch, args):
     write_nb(nbs, "01_a.ipynb", "1")
     (nbs.parent / "a_file").write_text("")
