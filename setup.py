@@ -2,6 +2,9 @@
 from setuptools import setup
 
 jupyter = ['jupyter', 'ipywidgets', 'nbformat', 'nbclient', 'ipykernel']
+# tests/test_browser.py: JupyterLab driven in Chromium by Playwright. Playwright drives the system's
+# Chromium (Debian's package `chromium`, which .ci/run installs); it never downloads a browser.
+browser = ['jupyterlab>=4', 'playwright', 'nbconvert']
 
 setup(
     name='exp-lesson10',
@@ -11,5 +14,5 @@ setup(
     packages=['exp'],
     python_requires='>=3.10',
     install_requires=['torch', 'matplotlib', 'tqdm', 'nbformat'],
-    extras_require={'jupyter': jupyter, 'test': jupyter + ['pytest']},
+    extras_require={'jupyter': jupyter, 'test': jupyter + ['pytest'], 'browser': jupyter + browser},
 )

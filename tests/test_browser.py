@@ -129,8 +129,10 @@ def page(lab, tmp_path_factory):
 
 
 def open_notebook(lab, page, name):
-    "Opens `name` in JupyterLab (a fresh page), waits for its cells and for its kernel to be idle."
-    page.goto(f'{lab.url}/lab/tree/{name}?token={lab.token}', wait_until='domcontentloaded')
+    """Opens `name` alone in JupyterLab (a fresh page, no kernel left from before, the workspace reset so
+    that no other tab comes back), waits for its cells and for its kernel to be idle."""
+    lab.shutdown_kernels()
+    page.goto(f'{lab.url}/lab/tree/{name}?reset&token={lab.token}', wait_until='domcontentloaded')
     page.wait_for_selector('.jp-NotebookPanel .jp-Notebook .jp-Cell', state='visible')
     bs.wait_for(lambda: lab.kernels_idle(1), KERNEL_S, f'the kernel of {name} to be idle')
     return page.evaluate(NOTEBOOK_STATE)
