@@ -22,8 +22,9 @@ pytest.importorskip("nbclient")
 
 
 def write_nb(nbs, name, *cells, minor=4):
-    "A notebook (format 4.4 by default, as older tools wrote it): 'md:' cells are markdown, the others code."
-    nb = new_notebook(cells=[new_markdown_cell(c[3:]) if c.startswith("md:") else new_code_cell(c) for c in cells],
+    "A notebook (format 4.4, as older tools wrote it): 'md:' cells are markdown, the others code ('!': may raise)."
+    nb = new_notebook(cells=[new_markdown_cell(c[3:]) if c.startswith("md:") else new_code_cell(c.lstrip("!"), metadata={
+        "tags": ["raises-exception"]} if c.startswith("!") else {}) for c in cells],
                       metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}})
     nb.nbformat_minor = minor
     for cell in nb.cells:
@@ -63,8 +64,10 @@ def test_a_run_saves_each_notebook_stops_at_the_first_failing_cell_and_sums_up(n
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     root = str(nbs.parent)
-    write_nb(nbs, "01_a.ipynb", "md:# A", ENV.format(root=root, other="/elsewhere"),
+    write_nb(nbs, "01_a.ipynb", "md:# A", ENV.format(root=root, other="/elsewhere"), "!1 / 0",
              "print('RESULT: accuracy = 0.9')\nprint('RESULT: loss = 0.1')")
+    (nbs / "failed").mkdir()
+    (nbs / "failed" / "01_a.ipynb").write_text("{}")  # from an earlier run that failed
     edited = write_nb(nbs, "02_edited.ipynb", "md:ORIGINAL",  # saved by the user while it runs
                       "import pathlib\np = pathlib.Path('02_edited.ipynb')\np.write_text(p.read_text().replace('ORIGINAL', 'EDITED'))")
     failing = write_nb(nbs, "03_fails.ipynb", "print('before')", "md:text", "def f(): return 1 / 0\nf()", "print('after')")
@@ -74,7 +77,8 @@ def test_a_run_saves_each_notebook_stops_at_the_first_failing_cell_and_sums_up(n
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].startswith("01_a.ipynb ... ok in ") and lines[0].endswith(f"s, saved as {nbs / '01_a.ipynb'}")
-    assert stdout_of(nbs / "01_a.ipynb") == ["0 3 None nbs True\n", "RESULT: accuracy = 0.9\nRESULT: loss = 0.1\n"]
+    assert stdout_of(nbs / "01_a.ipynb") == ["0 3 None nbs True\n", "", "RESULT: accuracy = 0.9\nRESULT: loss = 0.1\n"]
+    assert not (nbs / "failed" / "01_a.ipynb").exists()
     assert lines[1].startswith("02_edited.ipynb ... ok in ") and lines[1].endswith(
         f"s, saved as {nbs / 'run-copies' / '02_edited.ipynb'} ({edited} changed on disk while it ran: your version is kept)")
     assert "EDITED" in edited.read_text() and stdout_of(edited) == ["stale\n"]
@@ -84,7 +88,8 @@ def test_a_run_saves_each_notebook_stops_at_the_first_failing_cell_and_sums_up(n
     assert "----> 2 f()" in out and "Traceback" not in out.split("FAILED")[0]
     assert lines[lines.index("Summary:") - 1] == f"  saved with the error output as {nbs / 'failed' / '03_fails.ipynb'}"
     assert (failing.read_bytes(), later.read_bytes()) == before  # never over the good one; 04 did not run
-    nb = nbformat.read(nbs / "01_a.ipynb", as_version=4)  # the kernel's own language_info
+    nb = nbformat.read(nbs / "01_a.ipynb", as_version=4)  # counted from 1; the kernel's own language_info
+    assert [c.execution_count for c in nb.cells if c.cell_type == "code"] == [1, 2, 3]
     assert (nb.nbformat_minor, nb.metadata.language_info.version) == (5, "%d.%d.%d" % sys.version_info[:3])
     assert {"codemirror_mode", "file_extension", "mimetype", "name", "pygments_lexer"} <= set(nb.metadata.language_info)
     saved = nbformat.read(nbs / "failed" / "03_fails.ipynb", as_version=4)
@@ -228,3 +233,10 @@ def test_a_failed_export_runs_no_notebook(nbs, monkeypatch, capsys):
     monkeypatch.setattr(rn, "execute", lambda *a: pytest.fail("a notebook ran"))
     assert rn.main(["--nbs", str(nbs)]) == 1
     assert capsys.readouterr().err == "run_notebooks.py: the export failed; no notebook was run\n"
+
+
+def test_a_notebook_that_cannot_be_read_is_a_reported_failure(nbs, capsys):
+    (nbs / "01_a.ipynb").write_text("{not json")
+    assert run(nbs) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: 01_a.ipynb: cannot read the notebook: " in out and "FAILED" in out.split("Summary:")[1]
