@@ -702,7 +702,7 @@ def test_failure_in_begin_fit_reaches_the_user_unchanged():
     assert not getattr(e.value, '__notes__', None)   # no AttributeError from an after_fit (all_ok, shown)
     assert run.learn is None and run.avg_stats.print_stats and buf.getvalue() == ''
     run.cbs = [cb for cb in run.cbs if not isinstance(cb, FailsToBegin)]   # the same runner fits afterwards
-    run.fit(1, learn)
+    with pytest.warns(UserWarning, match='LR_Find: the data ran out'): run.fit(1, learn)
     assert run.stop_on_nan.found_at is None and 'train_loss' in buf.getvalue()
 
 
