@@ -99,7 +99,7 @@ def shown(path):
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
-def run_notebook(run, dest, quick, timeout, root, threads, out):
+def run_notebook(run, dest, quick, timeout, root, threads):
     "Run one notebook and save it: to `dest` if it ran, else to failed/ beside it."
     before = dest.read_bytes() if dest.exists() else None
     run.status, start = "running", time.monotonic()
@@ -139,7 +139,7 @@ def run_notebooks(paths, out_dir=None, quick=False, timeout=3600, root=None, out
         for run in runs:
             print(f"{run.path.name} ...", end=" ", file=out, flush=True)
             dest = Path(out_dir or run.path.parent) / run.path.name
-            run_notebook(run, dest, quick, timeout, Path(root or run.path.parent.parent), threads, out)
+            run_notebook(run, dest, quick, timeout, Path(root or run.path.parent.parent), threads)
             print(f"ok in {run.seconds:.1f}s, saved as {shown(run.saved)}{run.note}" if run.status == "ok"
                   else "failed\n" + failure_report(run), file=out, flush=True)
             if run.status != "ok":
