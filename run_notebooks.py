@@ -38,6 +38,8 @@ def kernel_env(root, quick, threads):
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(root), env.get("PYTHONPATH")] if p)
+    if env.get("EXP_DATA_DIR"):  # the kernels run in nbs/: a relative folder is the caller's
+        env["EXP_DATA_DIR"] = os.path.abspath(env["EXP_DATA_DIR"])
     return env
 
 

@@ -240,3 +240,9 @@ def test_a_notebook_that_cannot_be_read_is_a_reported_failure(nbs, capsys):
     assert run(nbs) == 1
     out = capsys.readouterr().out
     assert "FAILED: 01_a.ipynb: cannot read the notebook: " in out and "FAILED" in out.split("Summary:")[1]
+
+
+def test_a_relative_exp_data_dir_reaches_the_kernels_as_the_callers_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the kernels run in nbs/: 'data' there would be nbs/data
+    monkeypatch.setenv("EXP_DATA_DIR", "data")
+    assert rn.kernel_env(tmp_path, False, None)["EXP_DATA_DIR"] == str(tmp_path / "data")
