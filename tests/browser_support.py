@@ -87,6 +87,14 @@ def _kill_group(pid, timeout=10):
             time.sleep(0.1)
 
 
+def _die_with_parent():
+    "In the child, before exec: on Linux, SIGTERM when the test process dies, even by SIGKILL (no stray server)."
+    if sys.platform.startswith('linux'):
+        import ctypes
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1: PR_SET_PDEATHSIG
+
+
 class JupyterLab:
     """`jupyter lab` serving `root` on 127.0.0.1 at a free port with a random token, in its own process
     group, with its own config, runtime, settings and workspace folders under `state_dir`.
@@ -118,7 +126,8 @@ class JupyterLab:
         if hasattr(os, 'geteuid') and os.geteuid() == 0: cmd.append('--allow-root')   # CI machines run as root
         self._log = open(self.log_path, 'wb')
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         try:
             wait_for(self._up, self.start_timeout, f'JupyterLab to answer at {self.url}', interval=0.5)
         except BaseException:
