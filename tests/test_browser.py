@@ -95,7 +95,8 @@ def copy_05b(dest):
     fits with the default ProgressCallback."""
     import nbformat
     nb = nbformat.read(str(NB_05B), as_version=4)
-    end = next(i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and 'def get_learner' in c.source)
+    end = next((i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and 'def get_learner' in c.source), None)
+    assert end is not None, f'{NB_05B.name} has no code cell defining get_learner, which the browser test runs'
     nb.cells = nb.cells[:end + 1] + [
         nbformat.v4.new_markdown_cell('A fit with the default `ProgressCallback()`.'),
         nbformat.v4.new_code_cell(FIT_CELL)]
