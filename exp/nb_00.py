@@ -218,17 +218,6 @@ def quick_subset(x_train, y_train, x_valid, y_valid, n_train=5000, n_valid=1000)
     if not quick_mode(): return x_train, y_train, x_valid, y_valid
     return x_train[:n_train], y_train[:n_train], x_valid[:n_valid], y_valid[:n_valid]
 # %% nbs/00_data.ipynb cell 29
-from contextlib import contextmanager
-
-@contextmanager
-def torch_threads(n):
-    "Run the block with `n` torch intra-op threads, then put the previous number back."
-    if not isinstance(n, int) or n < 1: raise ValueError(f"torch_threads: n must be an integer >= 1, got {n!r}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try: yield
-    finally: torch.set_num_threads(before)
-# %% nbs/00_data.ipynb cell 32
 _CHUNK = 1 << 16  # bytes read at a time; the deadline and the size are checked between chunks
 
 def _fetch(url, deadline, limit):
@@ -240,7 +229,7 @@ def _fetch(url, deadline, limit):
             if len(raw) > limit: raise CorruptFileError(f'{url}: more than {limit:,} bytes, bigger than the file can be')
             if time.monotonic() > deadline: raise TimeoutError(f'stopped by the deadline after {len(raw):,} bytes')
     return raw
-# %% nbs/00_data.ipynb cell 36
+# %% nbs/00_data.ipynb cell 33
 def _keep_in_cache(raw, dataset, fname):
     "Save the verified download `raw` in the cache; if the cache cannot be written, warn and go on without it."
     folder = _cache_dir()/dataset
@@ -249,6 +238,17 @@ def _keep_in_cache(raw, dataset, fname):
         warnings.warn(f'Could not save {fname}.gz in the cache folder {folder} ({e}). The download is good and is '
                       f'used, but it will be downloaded again next time: make {folder} writable, or set '
                       'EXP_CACHE_DIR to a folder you can write to (or EXP_DATA_DIR to a folder holding the data).')
+# %% nbs/00_data.ipynb cell 35
+from contextlib import contextmanager
+
+@contextmanager
+def torch_threads(n):
+    "Run the block with `n` torch intra-op threads, then put the previous number back."
+    if not isinstance(n, int) or n < 1: raise ValueError(f"torch_threads: n must be an integer >= 1, got {n!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(before)
 
 __all__ = ['math', 'os', 're', 'partial', 'Path', 'plt', 'torch', 'F', 'nn', 'optim', 'tensor',
            'test', 'equals', 'near', 'test_eq', 'test_near', 'test_near_zero', 'CorruptFileError',

@@ -38,7 +38,7 @@ class DataLoader():
         for idxs in self.sampler:
             if getattr(self.dataset, 'batch_indexable', False): yield self.dataset[idxs]
             else: yield self.collate_fn([self.dataset[int(i)] for i in idxs])
-# %% nbs/05_training_loop.ipynb cell 16
+# %% nbs/05_training_loop.ipynb cell 14
 def get_dls(train_ds, valid_ds, bs, **kwargs):
     "Training loader (shuffled, batch `bs`) and validation loader (in order, batch `2*bs`)."
     return (DataLoader(train_ds, Sampler(train_ds, bs, shuffle=True), **kwargs),
@@ -64,7 +64,7 @@ class Learner():
     def __init__(self, model, opt, loss_func, data): self.model, self.opt, self.loss_func, self.data = model, opt, loss_func, data
 
 def create_learner(model_func, loss_func, data): return Learner(*model_func(data), loss_func, data)
-# %% nbs/05_training_loop.ipynb cell 19
+# %% nbs/05_training_loop.ipynb cell 17
 def camel2snake(name):
     "`AvgStatsCallback` -> `avg_stats_callback`."
     s1 = re.sub('(.)([A-Z][a-z]+)', r'\1_\2', name)
@@ -76,7 +76,7 @@ def listify(o):
     if isinstance(o, list): return o
     if isinstance(o, (str, dict)) or not hasattr(o, '__iter__'): return [o]
     return list(o)
-# %% nbs/05_training_loop.ipynb cell 21
+# %% nbs/05_training_loop.ipynb cell 19
 class Callback():
     "Base class: methods named after training events; unknown attributes are looked up on the runner."
     _order = 0
@@ -102,7 +102,7 @@ class TrainEvalCallback(Callback):
     def begin_validate(self):
         self.model.eval()
         self.run.in_train = False
-# %% nbs/05_training_loop.ipynb cell 23
+# %% nbs/05_training_loop.ipynb cell 21
 import numbers
 
 def check_cb_args(cbs, cb_funcs, callback_class):
@@ -127,7 +127,7 @@ def add_note(e, note):
     "Attach `note` to exception `e`: Python 3.11+ prints it under the traceback (`e.__notes__` holds it on 3.10 too)."
     if hasattr(e, 'add_note'): e.add_note(note)
     else: e.__notes__ = getattr(e, '__notes__', []) + [note]
-# %% nbs/05_training_loop.ipynb cell 24
+# %% nbs/05_training_loop.ipynb cell 22
 class Runner():
     "The training loop, calling each callback's method for each event (lesson 9: returning True stops a step)."
     state = ('cbs', 'stop', 'in_train', 'learn', 'epochs', 'epoch', 'iters', 'xb', 'yb', 'pred', 'loss', 'n_epochs', 'n_iter')
@@ -206,7 +206,7 @@ class Runner():
             f = getattr(cb, cb_name, None)
             if f is not None and f(): stop = True
         return stop
-# %% nbs/05_training_loop.ipynb cell 28
+# %% nbs/05_training_loop.ipynb cell 26
 class AvgStats():
     "Loss and metrics averaged over the items of an epoch (each batch weighted by its size)."
     def __init__(self, metrics, in_train):
@@ -234,7 +234,7 @@ class AvgStatsCallback(Callback):
         stats = self.train_stats if self.in_train else self.valid_stats
         with torch.no_grad(): stats.accumulate(self.run)
     def after_epoch(self): print(self.train_stats, self.valid_stats, sep='\n')
-# %% nbs/05_training_loop.ipynb cell 34
+# %% nbs/05_training_loop.ipynb cell 33
 def annealer(f):
     "Decorator: `f(start, end, pos)` becomes `f(start, end)` returning a function of `pos`."
     def _inner(start, end): return partial(f, start, end)
@@ -256,7 +256,7 @@ def sched_exp(start, end):
     return _sched_exp(start, end)
 
 def cos_1cycle_anneal(start, high, end): return [sched_cos(start, high), sched_cos(high, end)]
-# %% nbs/05_training_loop.ipynb cell 37
+# %% nbs/05_training_loop.ipynb cell 38
 from bisect import bisect_right
 
 def combine_scheds(pcts, scheds):
@@ -270,7 +270,7 @@ def combine_scheds(pcts, scheds):
         idx = min(max(bisect_right(starts, pos) - 1, 0), len(scheds) - 1)
         return scheds[idx](min(max((pos - starts[idx]) / pcts[idx], 0.), 1.))
     return _inner
-# %% nbs/05_training_loop.ipynb cell 40
+# %% nbs/05_training_loop.ipynb cell 41
 class Recorder(Callback):
     "Records the learning rate of each parameter group (`lrs`) and the loss (`losses`) at each training step."
     def begin_fit(self): self.lrs, self.losses = [[] for _ in self.opt.param_groups], []

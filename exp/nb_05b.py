@@ -164,7 +164,7 @@ class ParamScheduler(Callback):
     def begin_batch(self):
         if not self.in_train: return
         for pg, f in zip(self.opt.param_groups, self.funcs): pg[self.pname] = f(self.n_epochs / self.epochs)
-# %% nbs/05b_early_stopping.ipynb cell 29
+# %% nbs/05b_early_stopping.ipynb cell 31
 import copy, warnings
 
 def debiased_ewma(xs, beta=0.9):
@@ -174,7 +174,7 @@ def debiased_ewma(xs, beta=0.9):
         avg = beta * avg + (1 - beta) * x
         res.append(avg / (1 - beta ** i))
     return res
-# %% nbs/05b_early_stopping.ipynb cell 32
+# %% nbs/05b_early_stopping.ipynb cell 34
 class LR_Find(Callback):
     "Grows the lr exponentially from `min_lr` to `max_lr` over `max_iter` steps; then puts the model and optimizer back."
     _order, smooth_beta = 1, 0.9   # smooth_beta: smoothing of the loss for `suggested_lr` and `plot`
@@ -235,7 +235,7 @@ class LR_Find(Callback):
         plt.plot(self.lrs[:len(smooth[:n])], smooth[:n], label='smoothed loss')
         if lr is not None: plt.axvline(lr, color='red', linestyle='--', label=f'suggested lr {lr:.2g}')
         plt.legend()
-# %% nbs/05b_early_stopping.ipynb cell 51
+# %% nbs/05b_early_stopping.ipynb cell 54
 class StopOnNanCallback(Callback):
     "Stops training (`CancelTrainException`) at the first training loss that is NaN or infinite; `found_at = (epoch, iteration)`."
     all_ok = n_ok = None   # until the first training step
@@ -266,7 +266,7 @@ class StopOnNanCallback(Callback):
         print(f"StopOnNanCallback: the training loss was NaN or infinite at epoch {self.found_at[0]}, step {self.found_at[1] - self.epoch_start} "
               f"of the epoch (step {self.found_at[1]} of the fit, both counted from 0); training stopped.")
         if stop: raise CancelTrainException()
-# %% nbs/05b_early_stopping.ipynb cell 56
+# %% nbs/05b_early_stopping.ipynb cell 59
 import importlib.util, sys, time
 from tqdm import tqdm
 from tqdm.notebook import tqdm as notebook_tqdm
@@ -295,7 +295,7 @@ def format_time(secs):
     return f'{int(secs // 60)}:{secs % 60:04.1f}'
 
 def text_output(text): return {'text/plain': text}   # a display of plain text (`raw=True`)
-# %% nbs/05b_early_stopping.ipynb cell 57
+# %% nbs/05b_early_stopping.ipynb cell 60
 class ProgressCallback(Callback):
     "A bar over the batches of each pass with its mean loss, and a table row per epoch; `tqdm_kwargs` go to tqdm."
     shown, stats, bar = 'off', None, None   # until begin_fit
