@@ -448,3 +448,21 @@ def test_combine_scheds_refuses_nan_percentages(pcts):
 @pytest.mark.parametrize('start,end', [(1., -0.01), (-1., 1.), (0., 1.), (1., 0.), (math.nan, 1.)])
 def test_sched_exp_refuses_non_positive_ends(start, end):
     with pytest.raises(ValueError, match='sched_exp: start and end must be positive numbers'): sched_exp(start, end)
+
+
+def test_avg_stats_and_recorder_read_no_tensor_value_while_training(monkeypatch):
+    "Reading a tensor's value waits for a GPU: the statistics and the recorder keep tensors until the epoch ends."
+    bunch = toy_bunch()
+    bunch.train_dl.sampler.shuffle = False        # no randperm: the data loader reads no tensor values
+    learn = Learner(*get_model(bunch, lr=0.1, nh=5), F.cross_entropy, bunch)
+    run = Runner(cb_funcs=[partial(AvgStatsCallback, accuracy), Recorder,
+                           partial(ParamScheduler, 'lr', sched_lin(0.1, 0.01))])
+    for name in ('__bool__', 'item', '__float__', '__int__', '__index__', 'tolist'):
+        def guarded(self, *args, _original=getattr(torch.Tensor, name), _name=name):
+            if run.in_train: raise AssertionError(f'a tensor value was read ({_name}) during a training step')
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+    run.fit(2, learn)
+    monkeypatch.undo()
+    assert len(run.recorder.losses) == 6 and all(torch.is_tensor(l) for l in run.recorder.losses)
+    assert run.avg_stats.train_stats.count == 10
