@@ -13,7 +13,8 @@ from exp.nb_06 import (ActivationStatsCallback, AvgStatsCallback, BatchTransform
                        Lambda, ListContainer, Recorder, StopOnNanCallback, accuracy, append_stats, children,
                        conv2d, conv_layer, default_device, flatten, get_cnn_layers, get_cnn_model, get_dls,
                        get_hist, get_learn_run, get_min, get_runner, hook_stats, init_cnn, mnist_resize,
-                       mnist_view, normalize_to, view_tfm, StatsTape, append_hist, append_stats_and_hist)
+                       mnist_view, normalize_to, view_tfm, StatsTape, append_hist, append_stats_and_hist,
+                       histogram, layer_name, mean_std, moments, plot_hists, plot_hooks_stats, plot_mins)
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU; this machine has none')
 NFS = [4, 8]
@@ -414,3 +415,151 @@ def test_get_runner_takes_callbacks_made_and_to_make():
                             cbs=[made, partial(BatchTransformXCallback, mnist_view), AvgStatsCallback([accuracy])])
     assert run.recorder is made and isinstance(run.batch_transform_x, BatchTransformXCallback)
     assert isinstance(run.avg_stats, AvgStatsCallback) and isinstance(run.stop_on_nan, StopOnNanCallback)
+
+
+# --- telemetry: clear errors, odd cases, the fast statistics ------------------------------------
+
+@pytest.fixture
+def plt_agg():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    yield plt
+    plt.close('all')
+
+
+def test_append_stats_on_a_tuple_output_names_the_module():
+    lstm = nn.LSTM(3, 4)
+    with Hooks([lstm], append_stats_and_hist):
+        with pytest.raises(TypeError, match=r"LSTM\(3, 4\).*got a tuple, not a tensor.*output\[0\]"):
+            lstm(torch.randn(5, 2, 3))
+    assert forward_hook_count(lstm) == 0
+
+
+def test_plots_work_when_a_hooked_child_never_ran(plt_agg):
+    model, unused = nn.Sequential(nn.Linear(3, 3), nn.ReLU()), nn.Linear(3, 3)
+    with Hooks([model[0], unused, model[1]], append_stats_and_hist) as hooks:
+        for _ in range(3): model(torch.randn(4, 3))
+    assert [len(hook_stats(h)[0]) for h in hooks] == [3, 0, 3]
+    assert get_min(hooks[1]).shape == (0,) and get_hist(hooks[1]).numel() == 0
+    plot_hooks_stats(hooks)
+    assert [len(l.get_ydata()) for l in plt_agg.gcf().axes[0].lines] == [3, 0, 3]
+    assert 'no steps recorded' in plt_agg.gcf().axes[0].get_legend().get_texts()[1].get_text()
+    plot_hists(hooks)
+    hist_axes = plt_agg.gcf().axes
+    assert [t.get_text() for t in hist_axes[1].texts] == ['no steps recorded']
+    assert hist_axes[0].get_title() == '0: linear 3->3' and hist_axes[2].get_title() == '2: ReLU'
+    plot_mins(hooks)
+    assert [t.get_text() for t in plt_agg.gcf().axes[1].texts] == ['no steps recorded']
+
+
+def test_plots_before_any_fit_say_to_fit_first(plt_agg):
+    cb = ActivationStatsCallback()
+    for plot in (cb.plot_stats, cb.plot_hists, cb.plot_mins):
+        with pytest.raises(ValueError, match='recorded nothing yet.*run a fit with it first'): plot()
+    for plot in (plot_hooks_stats, plot_hists, plot_mins):
+        with pytest.raises(ValueError, match='nothing to plot'): plot([])
+
+
+def test_stats_tape_keeps_a_float_after_an_int():
+    for first, then in ((torch.tensor(2), torch.tensor(2.7)), (2, 2.7)):
+        tape = StatsTape()
+        tape.append(first); tape.append(then)
+        assert tape.values().tolist() == pytest.approx([2., 2.7]) and tape.buf.is_floating_point()
+    tape = StatsTape()
+    for i in range(100): tape.append(torch.tensor(i))
+    tape.append(torch.tensor(0.5))
+    assert torch.equal(tape.values(), torch.cat([torch.arange(100.), torch.tensor([0.5])]))
+    tape.append(torch.tensor(7))   # an int after floats is stored as a float
+    assert tape.values()[-1] == 7. and tape.buf.dtype == torch.float32
+
+
+def test_get_min_is_zero_not_nan_when_nothing_is_in_range(plt_agg):
+    lin = nn.Identity()
+    h = Hook(lin, append_stats_and_hist)
+    lin(torch.full((10,), -0.4))          # all below the range (0, 10)
+    lin(torch.tensor([0.1, 0.2, 5.]))
+    assert get_min(h).tolist() == pytest.approx([0., 2 / 3])
+    plot_mins([h])
+    assert '1 steps: nothing in range' in plt_agg.gcf().axes[0].get_title()
+
+
+def test_device_callback_refuses_the_meta_device():
+    with pytest.raises(ValueError, match="DeviceCallback\\('meta'\\).*wipe its weights.*'cpu' or 'cuda'"):
+        DeviceCallback('meta')
+    data = image_bunch()
+    model = get_cnn_model(data, NFS, conv2d)
+    weights = model[0][0].weight.detach().clone()
+    with pytest.raises(ValueError, match='meta'): get_runner(model, data, cbs=[partial(DeviceCallback, 'meta')])
+    assert model[0][0].weight.device.type == 'cpu' and torch.equal(model[0][0].weight, weights)
+
+
+def test_a_fit_that_fails_leaves_no_telemetry_hook():
+    "Another callback's after_fit that fails first must not leave the telemetry hooks registered."
+    data = image_bunch()
+    class AfterFitFails(Callback):
+        def after_fit(self): raise RuntimeError('after_fit failed')
+    class BeginFitFails(Callback):
+        _order = 2
+        def begin_fit(self): raise ValueError('begin_fit failed')
+    class StepFails(Callback):
+        def after_step(self): raise ValueError('after_step failed')
+    for failing in (BeginFitFails, StepFails):
+        model = get_cnn_model(data, NFS, conv_layer)
+        learn, run = get_runner(model, data, cbs=cbfs() + [AfterFitFails, ActivationStatsCallback, failing])
+        with pytest.raises((ValueError, RuntimeError)): run.fit(1, learn)
+        assert forward_hook_count(model) == 0
+
+
+@pytest.mark.parametrize('make', [lambda g: torch.randn(512, 8, 14, 14, generator=g).relu_(),
+                                  lambda g: torch.randn(32, 10, generator=g) * 3 + 1,
+                                  lambda g: torch.tensor([-1., 0.5, 2., 9.5, 20.]),
+                                  lambda g: torch.randn(2, 8, 1, 1, generator=g) + 50,
+                                  lambda g: torch.randn(64, 4, 4, 4, generator=g) + 3000])   # far from 0: no cancellation
+def test_mean_std_matches_torch(make):
+    x = make(torch.Generator().manual_seed(0))
+    mean, std = mean_std(x)
+    ref_std, ref_mean = torch.std_mean(x.double())
+    assert float(mean) == pytest.approx(float(ref_mean), rel=1e-5, abs=1e-6)
+    assert float(std) == pytest.approx(float(ref_std), rel=1e-4)
+    d = x.double().flatten() - float(x.flatten()[0])
+    assert moments(x).tolist() == pytest.approx([x.numel(), float(x.flatten()[0]), float(d.sum()), float((d ** 2).sum())], rel=1e-5, abs=1e-3)
+
+
+def test_mean_std_edge_cases():
+    mean, std = mean_std(torch.full((7,), -0.4))
+    assert float(mean) == pytest.approx(-0.4) and float(std) == pytest.approx(0., abs=1e-3)   # never NaN from rounding
+    mean, std = mean_std(torch.tensor([3.]))
+    assert float(mean) == 3. and math.isnan(float(std))   # as torch.std: one value has no sample std
+
+
+def test_histogram_matches_histc():
+    g = torch.Generator().manual_seed(0)
+    scratch = {}
+    for x, rng in [(torch.randn(512, 8, 14, 14, generator=g).relu_() * 3, (0, 10)),
+                   (torch.randn(10_000, generator=g) * 4, (-7, 7)),
+                   (torch.randn(32, 10, generator=g) * 4, (-7, 7))]:
+        counts = histogram(x, 40, *rng, scratch)   # one scratch dict reused across sizes
+        assert torch.equal(counts.float(), x.histc(40, *rng)) and scratch['n'] == x.numel()
+        assert torch.equal(histogram(x, 14, *rng).float(), x.histc(14, *rng))
+    odd = torch.tensor([float('nan'), float('inf'), -float('inf'), 1e30, -1e30, 0., 9.99, 10.])
+    assert histogram(odd, 40, 0, 10).tolist() == [1] + [0] * 38 + [1]   # NaN, infinities and 10 itself not counted
+
+
+def test_hook_records_moments_and_reads_means_and_stds():
+    lin = nn.Identity()
+    h = Hook(lin, append_stats)
+    xs = [torch.tensor([1., 2., 3.]), torch.tensor([0., 4.])]
+    for x in xs: lin(x)
+    assert h.moments.values().tolist() == [[3., 1., 3., 5.], [2., 0., 4., 16.]]   # count, first value, sums about it
+    ms, ss = h.stats
+    assert torch.allclose(ms[:], torch.stack([x.mean() for x in xs])) and torch.allclose(ss[:], torch.stack([x.std() for x in xs]))
+    assert len(ms) == 2 and list(ms) == [2., 2.]
+    with pytest.raises(TypeError, match='read-only'): ms.append(1.)
+
+
+def test_layer_names():
+    data = image_bunch()
+    model = get_cnn_model(data, NFS, conv_layer, leak=0.1)
+    assert [layer_name(m) for m in model] == ['conv 1->4 + GeneralRelu', 'conv 4->8 + GeneralRelu', 'AdaptiveAvgPool2d',
+                                              'flatten', 'linear 8->10']
