@@ -1,12 +1,16 @@
 """Benchmarks of the library, each figure a ratio of two timings taken in one run.
 
-    python benchmarks/bench.py                  # every section
-    python benchmarks/bench.py dataloader       # some sections
+    python benchmarks/bench.py                          # every section
+    python benchmarks/bench.py dataloader               # some sections
+    python benchmarks/bench.py --only rbn,compile,telemetry --threads 1,2
 
 Each ratio is the median over `--repeats` alternating runs of ours and the reference, so a noisy
-machine slows both sides alike. Sections register themselves in SECTIONS.
+machine slows both sides alike. Sections register themselves in SECTIONS; `--only` takes their short
+names (ALIASES). With `--threads 1,2` every section runs once per torch thread count, its rows prefixed
+with it. On a CUDA GPU the RunningBatchNorm rows are measured there too (synchronised around each
+timing), with the number of host-device synchronisations per training step.
 """
-import argparse, platform, statistics, sys, time
+import argparse, os, platform, statistics, sys, time
 from functools import partial
 from pathlib import Path
 
@@ -232,54 +236,140 @@ def norm_cnn(norm, nfs=(8, 16, 32, 32)):
         ni = nf
     return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(ni, 10))
 
+def cnn_steps(model, bs, n, device='cpu'):
+    "A function running `n` training steps (forward, backward, SGD) of `model` on one random MNIST-shaped batch."
+    import torch.nn.functional as F
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(bs, 1, 28, 28, device=device), torch.randint(0, 10, (bs,), device=device)
+    def run():
+        for _ in range(n):
+            F.cross_entropy(model(x), y).backward(); opt.step(); opt.zero_grad()
+        if device == 'cuda': torch.cuda.synchronize()
+    return run
+
+def seeded(norm, device='cpu'):
+    torch.manual_seed(0)
+    return norm_cnn(norm).to(device)
+
+def per_step(row, n):
+    "A `compare` row of `n`-step runs as seconds per step (the ratio is unchanged)."
+    ours, ref, ratio = row
+    return ours / n, ref / n, ratio
+
+def same_as_lesson(name, norm, bs, device):
+    "Check that `norm` computes what the lesson's RunningBatchNorm computes (else a ratio means nothing)."
+    torch.manual_seed(1)
+    x = torch.randn(bs, 1, 28, 28, device=device)
+    ours, lesson = seeded(norm, device), seeded(LessonRunningBatchNorm, device)
+    theirs = lesson.state_dict()  # same weights; the lesson's mults and adds are (nf, 1, 1), ours (1, nf, 1, 1)
+    lesson.load_state_dict({k: v.reshape(theirs[k].shape) for k, v in ours.state_dict().items() if k in theirs}, strict=False)
+    if not torch.allclose(ours(x), lesson(x), rtol=1e-4, atol=1e-5):
+        raise AssertionError(f"running_batchnorm: {name} and the lesson's RunningBatchNorm differ at bs={bs} on {device}")
+
+def syncs_per_step(model, bs):
+    "Host-device synchronisations in one CUDA training step, counted by torch.cuda.set_sync_debug_mode('warn')."
+    import warnings
+    step = cnn_steps(model, bs, 1, 'cuda')
+    step()  # warm up
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            import torch.nn.functional as F
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            x, y = torch.randn(bs, 1, 28, 28, device='cuda'), torch.randint(0, 10, (bs,), device='cuda')
+            F.cross_entropy(model(x), y).backward(); opt.step(); opt.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum('synchroniz' in str(w.message) for w in caught)
+
+STEPS = ((2, 100), (32, 30), (512, 3))  # batch size, training steps per timed run
+
 @section
 def running_batchnorm(repeats):
     "Training steps (forward, backward, SGD) of the lesson's CNN on MNIST-shaped batches: each RunningBatchNorm against nn.BatchNorm2d."
-    import torch.nn.functional as F
     from exp.nb_07 import FastRunningBatchNorm, RunningBatchNorm
-    def steps(norm, bs, n):
-        torch.manual_seed(0)
-        model = norm_cnn(norm)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        x, y = torch.randn(bs, 1, 28, 28), torch.randint(0, 10, (bs,))
-        def run():
-            for _ in range(n):
-                F.cross_entropy(model(x), y).backward(); opt.step(); opt.zero_grad()
-        return run
     norms = {'RunningBatchNorm': RunningBatchNorm, 'FastRunningBatchNorm': FastRunningBatchNorm,
              "the lesson's RunningBatchNorm": LessonRunningBatchNorm}
     rows = []
-    for bs, n in ((2, 100), (32, 30), (512, 3)):
-        # the same computation, or the comparison means nothing: one step of each against the lesson's
-        torch.manual_seed(1)
-        x = torch.randn(bs, 1, 28, 28)
-        for name in ('RunningBatchNorm', 'FastRunningBatchNorm'):
-            ours, lesson = norm_cnn(norms[name]), norm_cnn(LessonRunningBatchNorm)
-            theirs = lesson.state_dict()  # same weights; the lesson's mults and adds are (nf, 1, 1), ours (1, nf, 1, 1)
-            lesson.load_state_dict({k: v.reshape(theirs[k].shape) for k, v in ours.state_dict().items() if k in theirs}, strict=False)
-            if not torch.allclose(ours(x), lesson(x), rtol=1e-4, atol=1e-5):
-                raise AssertionError(f"running_batchnorm: {name} and the lesson's RunningBatchNorm differ at bs={bs}")
-        for name, norm in norms.items():
-            rows.append((f'{n} training steps of the CNN, bs={bs}: {name} / nn.BatchNorm2d',
-                         *compare(steps(norm, bs, n), steps(torch.nn.BatchNorm2d, bs, n), repeats)))
+    for device in ['cpu'] + (['cuda'] if torch.cuda.is_available() else []):
+        on = '' if device == 'cpu' else ' on CUDA'
+        for bs, n in STEPS:
+            for name in ('RunningBatchNorm', 'FastRunningBatchNorm'): same_as_lesson(name, norms[name], bs, device)
+            for name, norm in norms.items():
+                row = compare(cnn_steps(seeded(norm, device), bs, n, device),
+                              cnn_steps(seeded(torch.nn.BatchNorm2d, device), bs, n, device), repeats)
+                rows.append((f'training step of the CNN{on}, bs={bs}: {name} / nn.BatchNorm2d', *per_step(row, n)))
+            if device == 'cuda':
+                for name, norm in {**norms, 'nn.BatchNorm2d': torch.nn.BatchNorm2d}.items():
+                    rows.append((f'host-device syncs per training step on CUDA, bs={bs}: {name}',
+                                 float(syncs_per_step(seeded(norm, device), bs)), None, None))
     return rows
+
+def compile_backend():
+    "inductor where it can build its C++ (a C compiler on the PATH) or runs on a GPU, else aot_eager."
+    import shutil
+    return 'inductor' if torch.cuda.is_available() or shutil.which(os.environ.get('CXX', 'g++')) else 'aot_eager'
+
+@section
+def compiled_rbn(repeats):
+    "Training steps of the CNN with RunningBatchNorm compiled by torch.compile, against eager and against a compiled nn.BatchNorm2d."
+    import torch._dynamo
+    from exp.nb_07 import RunningBatchNorm
+    backend = os.environ.get('BENCH_COMPILE_BACKEND') or compile_backend()
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    rows = []
+    for bs, n in STEPS:
+        torch._dynamo.reset()  # each batch size and thread count compiled afresh, outside the timings
+        eager, compiled = seeded(RunningBatchNorm, device), torch.compile(seeded(RunningBatchNorm, device), backend=backend)
+        compiled_bn = torch.compile(seeded(torch.nn.BatchNorm2d, device), backend=backend)
+        x = torch.randn(bs, 1, 28, 28, device=device)
+        if not torch.allclose(eager(x), compiled(x), rtol=1e-4, atol=1e-5):  # one training-mode step each
+            raise AssertionError(f'compiled_rbn: the compiled model and the eager one differ at bs={bs}')
+        ours = cnn_steps(compiled, bs, n, device)
+        rows.append((f'training step of the CNN, bs={bs}: RunningBatchNorm compiled ({backend}) / eager',
+                     *per_step(compare(ours, cnn_steps(eager, bs, n, device), repeats), n)))
+        rows.append((f'training step of the CNN, bs={bs}: RunningBatchNorm compiled / nn.BatchNorm2d compiled ({backend})',
+                     *per_step(compare(ours, cnn_steps(compiled_bn, bs, n, device), repeats), n)))
+    return rows
+
+ALIASES = {'dataloader': 'dataloader', 'telemetry': 'telemetry', 'runner': 'runner', 'quick': 'quick_run',
+           'rbn': 'running_batchnorm', 'compile': 'compiled_rbn'}
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('sections', nargs='*', help=f'sections to run (default: all): {", ".join(SECTIONS)}')
+    parser.add_argument('--only', default='', help=f'comma-separated short names of sections: {", ".join(ALIASES)}')
+    parser.add_argument('--threads', default='', help='comma-separated torch thread counts, each a run of the sections (default: as set)')
     parser.add_argument('--repeats', type=int, default=5, help='timed repeats per figure (median taken)')
     args = parser.parse_args(argv)
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown: parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    only = [a for a in args.only.split(',') if a]
+    bad = [a for a in only if a not in ALIASES]
+    if bad: parser.error(f"unknown --only name(s) {', '.join(bad)}; choose from {', '.join(ALIASES)}")
     if args.repeats < 1: parser.error(f'--repeats must be at least 1, got {args.repeats}')
+    try: threads = [int(t) for t in args.threads.split(',') if t.strip()]
+    except ValueError: threads = [0]
+    if any(t < 1 for t in threads): parser.error(f'--threads takes positive thread counts such as 1,2; got {args.threads!r}')
+    names = list(dict.fromkeys([*args.sections, *(ALIASES[a] for a in only)])) or list(SECTIONS)
     torch.manual_seed(0)
-    print(f'machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, '
+    shown = ', '.join(map(str, threads)) if threads else str(torch.get_num_threads())
+    print(f'machine: {platform.machine()}, {os.cpu_count()} CPUs, {shown} torch threads, torch {torch.__version__}, '
           f'{"CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"}; median of {args.repeats}')
     print(f'| benchmark | ours (s) | reference (s) | ratio |\n|---|---:|---:|---:|')
-    for name in args.sections or SECTIONS:
-        for what, ours, ref, ratio in SECTIONS[name](args.repeats):
-            cell = lambda v, fmt: '-' if v is None else fmt.format(v)  # rows with no reference show '-'
-            print(f'| {what} | {cell(ours, "{:.4f}")} | {cell(ref, "{:.4f}")} | {cell(ratio, "{:.2f}x")} |', flush=True)
+    before = torch.get_num_threads()
+    try:
+        for t in threads or [None]:
+            if t: torch.set_num_threads(t)
+            prefix = f'{t} thread{"s" * (t > 1)}: ' if len(threads) > 1 else ''
+            for name in names:
+                for what, ours, ref, ratio in SECTIONS[name](args.repeats):
+                    cell = lambda v, fmt: '-' if v is None else fmt.format(v)  # rows with no reference show '-'
+                    print(f'| {prefix}{what} | {cell(ours, "{:.4f}")} | {cell(ref, "{:.4f}")} | {cell(ratio, "{:.2f}x")} |', flush=True)
+    finally:
+        torch.set_num_threads(before)
 
 if __name__ == '__main__':
     main()

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 import bench  # noqa: E402
@@ -19,12 +20,42 @@ def test_sections_print_one_row_per_figure(capsys):
     rows = [ROW.match(l) for l in lines[3:]]
     assert all(rows), [l for l, r in zip(lines[3:], rows) if not r]
     assert len(rows) == 6 + 9  # 3 batch sizes x (in order, shuffled); 3 batch sizes x 3 comparisons
-    assert [r.group(1) for r in rows][:2] == ['DataLoader in order, bs=2 / slicing',
-                                              'DataLoader shuffled, bs=2 / indexing by randperm']
+    names = [r.group(1) for r in rows]
+    assert names[:2] == ['DataLoader in order, bs=2 / slicing', 'DataLoader shuffled, bs=2 / indexing by randperm']
+    assert names[6:9] == [f'training step of the CNN, bs=2: {n} / nn.BatchNorm2d' for n in
+                          ('RunningBatchNorm', 'FastRunningBatchNorm', "the lesson's RunningBatchNorm")]
     assert all(float(r.group(4)) > 0 for r in rows)
 
 
+def test_only_and_threads_run_each_chosen_section_once_per_thread_count(monkeypatch, capsys):
+    seen = []
+    def fake(repeats):
+        seen.append(torch.get_num_threads())
+        return [('fake figure', 1.0, 2.0, 0.5)]
+    monkeypatch.setitem(bench.SECTIONS, 'fake', fake)
+    monkeypatch.setitem(bench.ALIASES, 'f', 'fake')
+    before = torch.get_num_threads()
+    bench.main(['--only', 'f', '--threads', '1,2', '--repeats', '1'])
+    lines = capsys.readouterr().out.splitlines()
+    assert seen == [1, 2] and torch.get_num_threads() == before
+    assert ', 1, 2 torch threads, ' in lines[0]
+    assert lines[3:] == ['| 1 thread: fake figure | 1.0000 | 2.0000 | 0.50x |', '| 2 threads: fake figure | 1.0000 | 2.0000 | 0.50x |']
+
+
+def test_compiled_rows_compare_with_eager_and_with_compiled_batchnorm(monkeypatch, capsys):
+    monkeypatch.setenv('BENCH_COMPILE_BACKEND', 'eager')  # dynamo without a C compiler: quick
+    monkeypatch.setattr(bench, 'STEPS', ((2, 2),))
+    bench.main(['--only', 'compile', '--repeats', '1'])
+    rows = [ROW.match(l) for l in capsys.readouterr().out.splitlines()[3:]]
+    assert all(rows) and [r.group(1) for r in rows] == [
+        'training step of the CNN, bs=2: RunningBatchNorm compiled (eager) / eager',
+        'training step of the CNN, bs=2: RunningBatchNorm compiled / nn.BatchNorm2d compiled (eager)']
+
+
 @pytest.mark.parametrize('argv, message', [(['nonsense'], 'unknown section(s) nonsense'),
+                                           (['--only', 'rbn,nonsense'], 'unknown --only name(s) nonsense'),
+                                           (['--threads', '0'], '--threads takes positive thread counts'),
+                                           (['--threads', 'two'], '--threads takes positive thread counts'),
                                            (['--repeats', '0'], '--repeats must be at least 1')])
 def test_bad_arguments_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e: bench.main(argv)
