@@ -130,7 +130,11 @@ class RunningBatchNorm(nn.Module):
     for `bs` items, one counting as two; the variance clamped to >= 0.01 until 20 items), kept as the buffers `means`
     and `vars` and merged with each batch's own so that nothing cancels; a non-finite update is not kept; an empty
     batch changes nothing. Training and evaluation normalise alike; in training the gradient also flows through this
-    batch's share of the statistics. `count` and `batch` are Python numbers: they follow from the shapes alone.
+    batch's share of the statistics. The batch is seen only through `batch_stats` (a subclass may gather its
+    statistics from other processes). The state (`means`, `vars`, and `count` and `batch`, 0-dim tensors) is replaced
+    by new tensors at each step, never read on the host nor changed in place, so the device never waits and
+    `torch.compile` compiles the layer once, with the right gradients. `state_dict()` keeps `count` and `batch` as
+    numbers (the extra state).
     """
     def __init__(self, nf, mom=0.1, eps=1e-5):
         super().__init__()
@@ -139,68 +143,81 @@ class RunningBatchNorm(nn.Module):
         self.adds  = nn.Parameter(torch.zeros(1, nf, 1, 1))
         self.register_buffer('means', torch.zeros(1, nf, 1, 1))
         self.register_buffer('vars',  torch.ones (1, nf, 1, 1))
-        self.count, self.batch = 0., 0
+        self.register_buffer('count', torch.tensor(0.), persistent=False)  # EWMA of the values per channel
+        self.register_buffer('batch', torch.tensor(0),  persistent=False)  # items trained on
 
     def extra_repr(self): return f'{self.mults.shape[1]}, mom={self.mom}, eps={self.eps}'
-    def get_extra_state(self): return {'count': self.count, 'batch': self.batch}
-    def set_extra_state(self, state): self.count, self.batch = state['count'], state['batch']
-    def momentum(self, bs): return 1 - (1 - self.mom) / math.sqrt(max(bs - 1, 1))
+    def get_extra_state(self): return {'count': self.count.item(), 'batch': self.batch.item()}
+    def set_extra_state(self, state): self.count.fill_(state['count']); self.batch.fill_(state['batch'])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if prefix + '_extra_state' not in state_dict:  # (load_state_dict(strict=False) would say nothing)
+            warnings.warn(f"{type(self).__name__}: the state dict has no '{prefix}_extra_state' (count and batch), so they "
+                          f"stay as they were and the next training batch outweighs the loaded statistics: save and "
+                          f"load the whole state dict")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def momentum(self, bs):
+        "The lesson's momentum for a batch of `bs` items (a number, or a tensor: no device value is read)."
+        if isinstance(bs, torch.Tensor): return 1 - (1 - self.mom) * (bs - 1).clamp_min(1).rsqrt()
+        return 1 - (1 - self.mom) / math.sqrt(max(bs - 1, 1))
+
+    def batch_stats(self, x):
+        "`(bs, n, mean, var)`: items, values per channel, and each channel's mean and (biased) variance, `(1, nf, 1, 1)`."
+        m = x.mean((0, 2, 3), keepdim=True)
+        v = (x - m).pow(2).mean((0, 2, 3), keepdim=True)  # subtract the mean before squaring: nothing cancels
+        return x.shape[0], x.numel() // x.shape[1], m, v
 
     def update_stats(self, x):
         "Move the running statistics towards this batch's; return the new mean and variance, with their gradients."
-        bs, nf = x.shape[:2]
-        n, mom = x.numel() / nf, self.momentum(bs)
-        self.count += mom * (n - self.count)
-        self.batch += bs
+        bs, n, m, v = self.batch_stats(x)
+        mom = self.momentum(bs)
+        self.count = self.count * (1 - mom) + mom * n
+        self.batch = self.batch + bs
         share = mom * n / self.count                    # this batch's weight in the new statistics
-        m = x.mean((0, 2, 3), keepdim=True)             # this batch's mean and variance, as in BatchNorm
-        v = (x - m).pow(2).mean((0, 2, 3), keepdim=True)
-        d = self.means - m
         mean = torch.lerp(self.means, m, share)
-        var = torch.lerp(self.vars, v, share) + share * (1 - share) * d * d   # a sum of positive terms
+        var = torch.lerp(self.vars, v, share) + (mean - self.means) * (m - mean)  # + share*(1-share)*(m-means)²
         with torch.no_grad():                           # where the new variance is not finite (nor then the mean),
             ok = var.isfinite()                         # keep the old statistics
-            torch.where(ok, mean, self.means, out=self.means)
-            torch.where(ok, var, self.vars, out=self.vars)
+            self.means, self.vars = torch.where(ok, mean, self.means), torch.where(ok, var, self.vars)
         return mean, var
 
     def forward(self, x):
-        check_dtype(self, x)
+        check_dtype(self, x); check_nchw(self, x)      # before any state changes
         if self.training and x.numel(): mean, var = self.update_stats(x)
         else: mean, var = self.means, self.vars
-        if self.batch < 20: var = var.clamp_min(0.01)
-        scale = self.mults / (var + self.eps).sqrt()
-        return (x - mean) * scale + self.adds
+        var = torch.where(self.batch < 20, var.clamp_min(0.01), var)  # the early clamp, decided on the device
+        scale = self.mults * (var + self.eps).rsqrt()
+        return torch.addcmul(self.adds - mean * scale, x, scale)      # (x - mean) * scale + adds in one pass
 # %% nbs/07_batchnorm.ipynb cell 61
 class FastRunningBatchNorm(RunningBatchNorm):
     "`RunningBatchNorm` with the backward pass of its training step written by hand: the same numbers, faster."
     def forward(self, x):
         if not (self.training and x.numel()): return super().forward(x)
-        check_dtype(self, x)
+        check_dtype(self, x); check_nchw(self, x)
         return _FastRunningBatchNormStep.apply(x, self.mults, self.adds, self)
 
 class _FastRunningBatchNormStep(torch.autograd.Function):
     "The training step of `FastRunningBatchNorm`: `RunningBatchNorm`'s statistics, the backward derived in notebook 07."
     @staticmethod
     def forward(ctx, x, mults, adds, rbn):
-        mom = rbn.momentum(x.shape[0])
         mean, var = rbn.update_stats(x)                 # autograd is off in here
-        ctx.free = None                                 # where the variance is clamped, no gradient through it
-        if rbn.batch < 20: ctx.free, var = var >= 0.01, var.clamp_min(0.01)
-        r = (var + rbn.eps).rsqrt()
+        clamped = torch.where(rbn.batch < 20, var.clamp_min(0.01), var)
+        r = (clamped + rbn.eps).rsqrt()
         ctx.xhat = xhat = torch.addcmul(-mean * r, x, r)  # (x - mean) / sqrt(var + eps)
-        ctx.scale = mults * r
-        ctx.B = ctx.scale * (-mom / rbn.count)          # -scale * k, k = d mean / d x_i
+        ctx.scale = scale = mults * r
+        k = rbn.momentum(x.shape[0]) / rbn.count       # k = d mean / d x_i
+        ctx.B = B = scale * -k                          # -scale * k
+        ctx.Bfree = B * (clamped == var)                # where the variance is clamped, no gradient through it
         return torch.addcmul(adds, xhat, mults)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        xhat, B, free = ctx.xhat, ctx.B, ctx.free
+        xhat = ctx.xhat
         gs = g.sum((0, 2, 3), keepdim=True)             # the gradient of adds
         gh = (g * xhat).sum((0, 2, 3), keepdim=True)    # the gradient of mults
-        Bgh = B * gh if free is None else B * gh * free
-        return torch.addcmul(B * gs, xhat, Bgh).addcmul_(g, ctx.scale), gh, gs, None
+        return torch.addcmul(ctx.B * gs, xhat, ctx.Bfree * gh).addcmul_(g, ctx.scale), gh, gs, None
 
 from exp.nb_06 import __all__ as _nb_06_all
 __all__ = [*_nb_06_all, 'check_dtype', 'check_nchw', 'BatchNorm', 'conv_layer', 'LayerNorm',
