@@ -2,7 +2,7 @@
 
 # %% nbs/07_batchnorm.ipynb cell 1
 from exp.nb_06 import *
-# %% nbs/07_batchnorm.ipynb cell 6
+# %% nbs/07_batchnorm.ipynb cell 7
 def check_dtype(layer, x):
     "Raise a clear error if `x` is not of `layer`'s dtype (PyTorch would promote it silently, or fail deep inside)."
     want, cast = next(layer.parameters()).dtype, {torch.float32: '.float()', torch.float64: '.double()'}
@@ -59,14 +59,14 @@ class BatchNorm(nn.Module):
         else:             m, v = self.means, self.vars
         x = (x - m) / (v + self.eps).sqrt()
         return x * self.mults + self.adds
-# %% nbs/07_batchnorm.ipynb cell 12
+# %% nbs/07_batchnorm.ipynb cell 11
 def conv_layer(ni, nf, ks=3, stride=2, bn=True, norm=None, bias=None, **kwargs):
     "Convolution (padding `ks//2`), `GeneralRelu(**kwargs)` and, if `bn`, `norm(nf)` (default `BatchNorm`)."
     if bias is None: bias = not bn
     layers = [nn.Conv2d(ni, nf, ks, padding=ks // 2, stride=stride, bias=bias), GeneralRelu(**kwargs)]
     if bn: layers.append((norm or BatchNorm)(nf))
     return nn.Sequential(*layers)
-# %% nbs/07_batchnorm.ipynb cell 24
+# %% nbs/07_batchnorm.ipynb cell 23
 class LayerNorm(nn.Module):
     "Normalise each item over all its channels and pixels (dims 1, 2, ...); one scalar `mult` and `add`."
     def __init__(self, eps=1e-5):
@@ -84,7 +84,7 @@ class LayerNorm(nn.Module):
         v = (x - m).pow(2).mean(dims, keepdim=True)
         x = (x - m) / (v + self.eps).sqrt()
         return x * self.mult + self.add
-# %% nbs/07_batchnorm.ipynb cell 29
+# %% nbs/07_batchnorm.ipynb cell 28
 class InstanceNorm(nn.Module):
     "Normalise each channel of each item of `(N, nf, H, W)` over its pixels; per-channel `mults` and `adds`."
     def __init__(self, nf, eps=1e-0):
@@ -101,7 +101,7 @@ class InstanceNorm(nn.Module):
         v = (x - m).pow(2).mean((2, 3), keepdim=True)
         x = (x - m) / (v + self.eps).sqrt()
         return x * self.mults + self.adds
-# %% nbs/07_batchnorm.ipynb cell 32
+# %% nbs/07_batchnorm.ipynb cell 33
 class GroupNorm(nn.Module):
     "Split the `nf` channels of `(N, nf, H, W)` into `groups`; normalise each group of each item; per-channel `mults`, `adds`."
     def __init__(self, groups, nf, eps=1e-5):
@@ -122,7 +122,7 @@ class GroupNorm(nn.Module):
         v = (g - m).pow(2).mean(2, keepdim=True)
         x = ((g - m) / (v + self.eps).sqrt()).view_as(x)
         return x * self.mults + self.adds
-# %% nbs/07_batchnorm.ipynb cell 43
+# %% nbs/07_batchnorm.ipynb cell 56
 class RunningBatchNorm(nn.Module):
     """Batch norm that normalises with running statistics in training too, so that tiny batches work.
 
@@ -189,7 +189,7 @@ class RunningBatchNorm(nn.Module):
         var = torch.where(self.batch < 20, var.clamp_min(0.01), var)  # the early clamp, decided on the device
         scale = self.mults * (var + self.eps).rsqrt()
         return torch.addcmul(self.adds - mean * scale, x, scale)      # (x - mean) * scale + adds in one pass
-# %% nbs/07_batchnorm.ipynb cell 61
+# %% nbs/07_batchnorm.ipynb cell 80
 class FastRunningBatchNorm(RunningBatchNorm):
     "`RunningBatchNorm` with the backward pass of its training step written by hand: the same numbers, faster."
     def forward(self, x):
