@@ -2,6 +2,7 @@
 
 # %% nbs/07_batchnorm.ipynb cell 1
 from exp.nb_06 import *
+import warnings
 # %% nbs/07_batchnorm.ipynb cell 7
 def check_dtype(layer, x):
     "Raise a clear error if `x` is not of `layer`'s dtype (PyTorch would promote it silently, or fail deep inside)."
@@ -220,5 +221,5 @@ class _FastRunningBatchNormStep(torch.autograd.Function):
         return torch.addcmul(ctx.B * gs, xhat, ctx.Bfree * gh).addcmul_(g, ctx.scale), gh, gs, None
 
 from exp.nb_06 import __all__ as _nb_06_all
-__all__ = [*_nb_06_all, 'check_dtype', 'check_nchw', 'BatchNorm', 'conv_layer', 'LayerNorm',
-           'InstanceNorm', 'GroupNorm', 'RunningBatchNorm', 'FastRunningBatchNorm']
+__all__ = [*_nb_06_all, 'warnings', 'check_dtype', 'check_nchw', 'BatchNorm', 'conv_layer',
+           'LayerNorm', 'InstanceNorm', 'GroupNorm', 'RunningBatchNorm', 'FastRunningBatchNorm']

