@@ -225,8 +225,10 @@ def histogram(x, bins, lo, hi, scratch=None):
     if x.device.type != 'cpu': return x.histc(bins, lo, hi)   # fast on a GPU, and no sync (see Under the hood)
     v, scale = x.reshape(-1), bins / (hi - lo)
     if scratch is None: scratch = {}
-    if scratch.get('n') != v.numel(): scratch.update(n=v.numel(), t=torch.empty_like(v), idx=torch.empty_like(v, dtype=torch.int32))
-    t = torch.mul(v, scale, out=scratch['t']).add_(1 - lo * scale).clamp_(0, bins + 1)   # bin k spans [k + 1, k + 2)
+    if scratch.get('n') != v.numel() or scratch.get('lo') != (lo, scale):
+        scratch.update(n=v.numel(), lo=(lo, scale), t=torch.empty_like(v), idx=torch.empty_like(v, dtype=torch.int32),
+                       offset=torch.tensor(1 - lo * scale))
+    t = torch.add(scratch['offset'], v, alpha=scale, out=scratch['t']).clamp_(0, bins + 1)   # bin k spans [k + 1, k + 2)
     idx = scratch['idx'].copy_(t).clamp_(0, bins + 1)   # 0: below lo (and NaN), bins + 1: hi and above
     return torch.bincount(idx, minlength=bins + 2)[1:bins + 1]
 
@@ -236,8 +238,14 @@ def append_hist(hook, mod, inp, outp, hist_range=(0, 10), bins=40):
     if mod.training: hook.hists.append(histogram(output_tensor(mod, outp), bins, *hist_range, hook.scratch))
 
 def append_stats_and_hist(hook, mod, inp, outp, hist_range=(0, 10), bins=40):
-    append_stats(hook, mod, inp, outp)
-    append_hist(hook, mod, inp, outp, hist_range, bins)
+    "`append_stats` and `append_hist` in one: one row per step (moments, then histogram) that `hook.stats` and `hook.hists` read."
+    if not hasattr(hook, 'stats'):
+        hook.rows, hook.hist_range, hook.scratch = StatsTape(), hist_range, {}
+        hook.stats = (TapeView(hook.rows, lambda rows: means_stds(rows[:, :4])[0]), TapeView(hook.rows, lambda rows: means_stds(rows[:, :4])[1]))
+        hook.hists = TapeView(hook.rows, lambda rows: rows[:, 4:])
+    if not mod.training: return
+    x = output_tensor(mod, outp)
+    hook.rows.append(torch.cat([moments(x), histogram(x, bins, *hist_range, hook.scratch)]))   # one float row
 
 def get_hist(h): return hook_stats(h)[2].t().log1p()   # bins (rows) by training steps (columns), log scale
 

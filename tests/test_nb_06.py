@@ -563,3 +563,14 @@ def test_layer_names():
     model = get_cnn_model(data, NFS, conv_layer, leak=0.1)
     assert [layer_name(m) for m in model] == ['conv 1->4 + GeneralRelu', 'conv 4->8 + GeneralRelu', 'AdaptiveAvgPool2d',
                                               'flatten', 'linear 8->10']
+
+
+def test_stats_and_hist_in_one_row_read_like_the_separate_hooks():
+    lin = nn.Identity()
+    both, stats, hist = Hook(lin, append_stats_and_hist), Hook(lin, append_stats), Hook(lin, append_hist)
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(100, generator=g).relu(), torch.randn(50, generator=g) * 3):
+        lin(x)
+    separate = (*hook_stats(stats)[:2], hook_stats(hist)[2])
+    assert all(torch.allclose(a, b) for a, b in zip(hook_stats(both), separate))
+    assert both.rows.values().shape == (2, 4 + 40) and len(both.stats[0]) == 2 and len(both.hists) == 2
