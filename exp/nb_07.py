@@ -173,11 +173,13 @@ class RunningBatchNorm(nn.Module):
         "Move the running statistics towards this batch's; return the new mean and variance, with their gradients."
         bs, n, m, v = self.batch_stats(x)
         mom = self.momentum(bs)
+        r = self.count * (1 - mom) / (mom * n)          # the old statistics' weight against this batch's
+        share = 1 / (1 + r)                             # this batch's weight in the new statistics (1 - share = share * r)
         self.count = self.count * (1 - mom) + mom * n
         self.batch = self.batch + bs
-        share = mom * n / self.count                    # this batch's weight in the new statistics
         mean = torch.lerp(self.means, m, share)
-        var = torch.lerp(self.vars, v, share) + (mean - self.means) * (m - mean)  # + share*(1-share)*(m-means)²
+        d = self.means - m
+        var = torch.lerp(self.vars, v, share) + share * share * r * d * d  # + share*(1-share)*d²: nothing cancels
         with torch.no_grad():                           # where the new variance is not finite (nor then the mean),
             ok = var.isfinite()                         # keep the old statistics
             self.means, self.vars = torch.where(ok, mean, self.means), torch.where(ok, var, self.vars)

@@ -212,6 +212,17 @@ def test_running_batchnorm_is_exact_far_from_zero(RBN):
 
 
 @RBNS
+def test_running_batchnorm_is_exact_far_from_zero_from_its_first_step(RBN):
+    "A fresh layer (means 0) meets batches of mean 3000: its first steps too match float64 (the merge must not cancel)."
+    rbn = RBN(8)
+    ref = reference_for(rbn)
+    for step in range(3):
+        x = torch.randn(32, 8, 6, 6, generator=torch.Generator().manual_seed(step)) + 3000
+        ours, theirs = step_both(rbn, ref, x, True, step)
+        assert_close(ours[0], theirs[0], 2e-3)
+
+
+@RBNS
 @pytest.mark.parametrize('bad', ['x + 1e20', 'x * 1e20', 'x * inf', 'x * nan'])
 def test_running_batchnorm_state_survives_a_non_finite_batch(RBN, bad):
     "A batch whose statistics overflow (or hold inf or NaN) leaves the running statistics as they were."
