@@ -43,7 +43,7 @@ class CudaCallback(DeviceCallback):
             warnings.warn("CudaCallback: this machine has no CUDA device, so training runs on the CPU", stacklevel=2)
             CudaCallback.warned = True
         super().__init__()
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 17
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 18
 class BatchTransformXCallback(Callback):
     "Applies `tfm` to each batch of inputs, after it has reached its device."
     _order = 2
@@ -55,7 +55,7 @@ def view_tfm(*size):
     return _inner
 
 mnist_view = view_tfm(1, 28, 28)
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 19
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 20
 def conv2d(ni, nf, ks=3, stride=2): return nn.Sequential(nn.Conv2d(ni, nf, ks, padding=ks // 2, stride=stride), nn.ReLU())
 
 def get_cnn_layers(data, nfs, layer, **kwargs):
@@ -72,9 +72,9 @@ def get_runner(model, data, lr=0.6, cbs=None, opt_func=None, loss_func=F.cross_e
     cbs = listify(cbs) + ([StopOnNanCallback] if stop_on_nan else [])
     made = [cb for cb in cbs if isinstance(cb, Callback)]   # used as they are; classes and partials are called
     return learn, Runner(cbs=made, cb_funcs=[cb for cb in cbs if not isinstance(cb, Callback)])
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 31
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 33
 def children(m): return list(m.children())
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 38
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 40
 class ListContainer():
     "A list indexed by an int, a slice, a list of ints or a boolean mask; short repr."
     def __init__(self, items): self.items = listify(items)
@@ -93,7 +93,7 @@ class ListContainer():
     def __repr__(self):
         res = f'{self.__class__.__name__} ({len(self)} items)\n{self.items[:10]}'
         return res[:-1] + '...]' if len(self) > 10 else res
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 44
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 46
 class StatsTape():
     "Same-shaped tensors (or numbers) recorded one per step into one preallocated tensor on their device (doubled when full)."
     def __init__(self): self.buf, self.n = None, 0
@@ -121,7 +121,7 @@ class TapeView(StatsTape):
     def append(self, x): raise TypeError("a TapeView is read-only: append to the tape it reads")
     def values(self): return self.f(self.tape.values()) if len(self.tape) else torch.zeros(0)
     def __len__(self): return len(self.tape)
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 45
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 47
 import weakref
 
 class Hook():
@@ -210,7 +210,7 @@ def plot_hooks_stats(hooks, n=None):
     steps = 'all training steps' if n is None else f'first {n} training steps'
     for ax, title in zip(axs, ('activation means', 'activation stds')): ax.set(title=f'{title}, {steps}', xlabel='training step')
     axs[0].legend(fontsize='small')
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 53
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 55
 def init_cnn_(m, f):
     "Initialise every convolution inside `m` with `f` (for a leak of 0.1), and zero its bias."
     if isinstance(m, nn.Conv2d):
@@ -219,7 +219,7 @@ def init_cnn_(m, f):
     for l in m.children(): init_cnn_(l, f)
 
 def init_cnn(m, uniform=False): init_cnn_(m, init.kaiming_uniform_ if uniform else init.kaiming_normal_)
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 55
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 57
 def histogram(x, bins, lo, hi, scratch=None):
     "Counts of `x` in `bins` equal bins from `lo` to `hi`, as `x.histc(bins, lo, hi)` gives them; `scratch`: a dict to keep work memory in."
     if x.device.type != 'cpu': return x.histc(bins, lo, hi)   # fast on a GPU, and no sync (see Under the hood)
@@ -261,7 +261,7 @@ def plot_hists(hooks, title=''):
             fig.colorbar(im, ax=ax, label='log(1 + count)' if i == len(hooks) - 1 else None)
         else: ax.text(0.5, 0.5, 'no steps recorded', ha='center', transform=ax.transAxes)
     fig.suptitle(title); plt.tight_layout()
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 60
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 62
 def get_min(h, near_zero=slice(0, 2)):
     "Share of each step's histogram in the bins `near_zero` (default: the two lowest); 0 at a step whose histogram is empty."
     h1 = hook_stats(h)[2].t()
@@ -280,7 +280,7 @@ def plot_mins(hooks, near_zero=slice(0, 2), title=''):
                title=f"{i}: {getattr(h, 'name', '')}" + (f'\n({empty} steps: nothing in range)' if empty else ''))
         if not len(mins): ax.text(0.5, 0.5, 'no steps recorded', ha='center', transform=ax.transAxes)
     fig.suptitle(title); plt.tight_layout()
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 65
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 67
 class GeneralRelu(nn.Module):
     "ReLU, or leaky ReLU with slope `leak`, minus `sub`, clamped at `maxv` (each optional)."
     def __init__(self, leak=None, sub=None, maxv=None):
@@ -301,7 +301,7 @@ def get_learn_run(nfs, data, lr, layer, cbs=None, opt_func=None, uniform=False, 
     model = get_cnn_model(data, nfs, layer, **kwargs)
     init_cnn(model, uniform=uniform) if init is None else init(model)
     return get_runner(model, data, lr=lr, cbs=cbs, opt_func=opt_func)
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 72
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 74
 class ActivationStatsCallback(Callback):
     "Records `append_stats_and_hist` for each module of `modules(model)` (default: its children) during each fit."
     _order = -1   # first in every event: its after_fit runs before any other can fail (see Under the hood)
