@@ -12,7 +12,9 @@ def get_rank(): return dist.get_rank() if is_dist() else 0
 def get_world_size(): return dist.get_world_size() if is_dist() else 1
 def is_main(): return get_rank() == 0
 
-def dist_backend(): return 'nccl' if torch.cuda.is_available() else 'gloo'
+def dist_backend(local_world_size=1):
+    "NCCL where each of this machine's `local_world_size` processes has a GPU of its own, else gloo (which also runs on the CPU)."
+    return 'nccl' if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size else 'gloo'
 
 def local_device(rank=None):
     "This process's device: its own GPU (`LOCAL_RANK`, else its rank, modulo the GPUs) where there is CUDA, else the CPU."
@@ -29,7 +31,8 @@ DEFAULT_TIMEOUT = 60   # seconds a rank waits for the others (to meet, and in ev
 def init_distributed(rank=None, world_size=None, init_method='env://', timeout=DEFAULT_TIMEOUT, backend=None):
     "Join the process group (torchrun's `RANK`, `WORLD_SIZE`... unless given); False, doing nothing, if `WORLD_SIZE` is unset."
     if world_size is None and 'WORLD_SIZE' not in os.environ: return False
-    backend = backend or dist_backend()
+    local = os.environ.get('LOCAL_WORLD_SIZE', world_size if world_size is not None else os.environ['WORLD_SIZE'])
+    backend = backend or dist_backend(int(local))
     if backend == 'nccl': torch.cuda.set_device(local_device(rank))
     dist.init_process_group(backend, init_method=init_method, timeout=datetime.timedelta(seconds=timeout),
                             rank=-1 if rank is None else rank, world_size=-1 if world_size is None else world_size)
@@ -64,7 +67,7 @@ def _spawned(rank, fn, args, world_size, folder, timeout, threads):
     "What each process `launch` starts runs: join the group through a file, run `fn`, save its result and what it printed."
     torch.set_num_threads(threads)
     try:
-        init_distributed(rank, world_size, f'file://{folder}/rendezvous', timeout)
+        init_distributed(rank, world_size, f'file://{folder}/rendezvous', timeout, backend='gloo')  # the models stay on the CPU
         with open(f'{folder}/stdout{rank}.txt', 'w') as out, contextlib.redirect_stdout(out):
             res = run_in_group(fn, args, timeout)
     except BaseException as e:   # noted with its time: `launch` reports the first error, not the others' reactions

@@ -184,3 +184,13 @@ def test_the_example_script_runs_under_torchrun(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count('validation accuracy') == 1 and '2 process(es) x batches of 64, 512 training images' in out.stdout
     assert set(torch.load(tmp_path / 'w.pt')) >= {'0.0.weight'}
+
+
+def test_nccl_only_where_each_local_process_has_a_gpu_of_its_own(monkeypatch):
+    "Two processes sharing one GPU cannot use NCCL (it refuses two ranks on one device): gloo then."
+    from exp.nb_07b import dist_backend
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    assert (dist_backend(1), dist_backend(2)) == ('nccl', 'gloo')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert dist_backend(1) == 'gloo'
