@@ -9,7 +9,8 @@ A code cell whose first line is `#export` (or `# export`, `#|export`) goes into 
 line `# %% nbs/<notebook> cell <N>` (cells counted from 0, markdown included), so that a traceback
 leads back to the cell. `__all__` says what `from exp.nb_XX import *` gives: the previous module's
 `__all__`, the imports of the first exported cell (the namespace the lessons work in) and every
-public name the exported cells define.
+public name the exported cells define; a cell that sets `__all__` itself is refused. `--check` compares
+text, so a checkout with CRLF line endings (git's core.autocrlf on Windows) is not stale.
 """
 import argparse, ast, re, sys, textwrap, warnings
 from pathlib import Path
@@ -111,6 +112,11 @@ def module(path, shown):
             continue
         found = "\n".join(lines[code[0]:code[-1] + 1]), code[0] + 1
         tree = compiled(*found, f"{src} cell {i}")
+        own_all = next((node.lineno for node in ast.walk(tree) if isinstance(node, ast.Name) and node.id == "__all__"
+                        and isinstance(node.ctx, ast.Store)), None)
+        if own_all:  # the generated __all__ at the end of the module would silently replace it
+            raise Bad(f"{src} cell {i}, line {own_all}: the cell sets __all__, which notebook2script.py writes "
+                      "itself from the public names; remove it (start a name with _ to keep it out)")
         parts.append(f"# %% {src} cell {i}\n{found[0]}")
         public += [n for n in names(tree, not namespace_found and bool(tree.body), previous)
                    if not n.startswith("_") and n not in public]
@@ -132,12 +138,20 @@ def modules(notebooks):
     return found
 
 
+def same_text(mod, text):
+    "Whether the module file holds `text`, whatever its line endings (git's core.autocrlf writes CRLF on Windows)."
+    try:
+        return mod.read_text(encoding="utf-8").replace("\r\n", "\n") == text
+    except UnicodeDecodeError:
+        return False
+
+
 def check(found, whole_project):
     "Print which modules differ from the notebooks' export; the exit status (1 if any)."
     problems = [f"missing: {rel(mod)} (export {src})" for mod, (src, text) in found.items()
                 if text and not mod.is_file()]
     problems += [f"stale: {rel(mod)} (differs from the export of {src})" for mod, (src, text) in found.items()
-                 if text and mod.is_file() and mod.read_bytes() != text.encode("utf-8")]
+                 if text and mod.is_file() and not same_text(mod, text)]
     exported_now = {mod for mod, (_, text) in found.items() if text}
     if whole_project and EXP.is_dir():
         problems += [f"orphan: {rel(mod)} (no numbered notebook in nbs/ exports it)"

@@ -129,6 +129,39 @@ def test_check_says_which_module_is_stale_missing_or_has_no_notebook(proj):
     assert export("--check", "nbs/02_b.ipynb")[:2] == (0, "OK: 1 module(s) up to date\n")
 
 
+def test_check_compares_text_so_a_crlf_checkout_is_not_stale(proj):
+    write_nb(proj, "01_a.ipynb", "#export\nx = 1\n\ndef f(): return 2")
+    export("--all")
+    module = proj / "exp" / "nb_01.py"
+    module.write_bytes(module.read_bytes().replace(b"\n", b"\r\n"))  # as git writes it with core.autocrlf on
+    assert export("--check")[:2] == (0, "OK: 1 module(s) up to date\n")
+    module.write_bytes(module.read_bytes().replace(b"x = 1", b"x = 3"))  # a real difference still shows
+    assert export("--check")[:2] == (1, "stale: exp/nb_01.py (differs from the export of nbs/01_a.ipynb)\n")
+    module.write_bytes(b"\xff\xfe not utf-8")
+    assert export("--check")[0] == 1
+
+
+def test_gitattributes_keeps_notebooks_and_modules_lf_in_every_checkout():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["nbs/00_data.ipynb", "exp/nb_00.py", "notebook2script.py", "examples/train_distributed.py",
+             "tests/test_notebook2script.py", "nbs/99_new.ipynb"]
+    out = subprocess.run(["git", "check-attr", "eol", "--", *paths], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.splitlines() == [f"{p}: eol: lf" for p in paths]
+
+
+@pytest.mark.parametrize("cell", ["#export\nx = 1\n__all__ = ['x']", "#export\nx = 1\n__all__ += ['y']",
+                                  "#export\nif True:\n    __all__ = ['x']"])
+def test_a_cell_setting_its_own_all_is_refused_not_silently_replaced(proj, cell):
+    write_nb(proj, "01_a.ipynb", "md:text", cell)
+    status, out, err = export("--all")
+    assert (status, out) == (2, "")
+    assert err.startswith("notebook2script.py: nbs/01_a.ipynb cell 1, line 3: ") and "__all__" in err
+    assert "remove it" in err and err.count("\n") == 1
+    assert not (proj / "exp").exists()
+
+
 def test_an_upper_case_letter_in_the_number_exports_and_checks_like_a_lower_case_one(proj):
     write_nb(proj, "05B_x.ipynb", "#export\nx = 1")
     assert export("--all")[:2] == (0, "exported nbs/05B_x.ipynb -> exp/nb_05b.py\n")
