@@ -23,8 +23,10 @@ def numbered_notebooks(folder):
 
 
 def write_atomic(path, data):
-    "Write `data` (str or bytes) to a temporary file beside `path`, then move it into place."
+    "Write `data` (str or bytes) to a temporary file beside `path`, then move it into place (through a symbolic link)."
     path = Path(path)
+    if path.is_symlink():  # write the file it points to: replacing the link would leave the real file unchanged
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -247,3 +247,12 @@ def test_write_atomic_writes_text_or_bytes_keeping_the_mode(tmp_path):
     assert path.read_bytes() == b"\x00bytes"
     assert os.name != "posix" or path.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in path.parent.iterdir()] == ["f.txt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links need privileges on Windows")
+def test_write_atomic_writes_through_a_symbolic_link(tmp_path):
+    from nbtools import write_atomic
+    (tmp_path / "real.txt").write_text("old")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "real.txt")
+    write_atomic(tmp_path / "link.txt", "new")
+    assert (tmp_path / "link.txt").is_symlink() and (tmp_path / "real.txt").read_text() == "new"

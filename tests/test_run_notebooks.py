@@ -246,3 +246,14 @@ def test_a_relative_exp_data_dir_reaches_the_kernels_as_the_callers_folder(tmp_p
     monkeypatch.chdir(tmp_path)  # the kernels run in nbs/: 'data' there would be nbs/data
     monkeypatch.setenv("EXP_DATA_DIR", "data")
     assert rn.kernel_env(tmp_path, False, None)["EXP_DATA_DIR"] == str(tmp_path / "data")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links need privileges on Windows")
+def test_a_notebook_that_is_a_symbolic_link_is_written_through_the_link(nbs, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    real = write_nb(tmp_path / "elsewhere", "01_a.ipynb", "print('ran')")
+    (nbs / "01_a.ipynb").symlink_to(real)
+    assert run(nbs) == 0
+    assert (nbs / "01_a.ipynb").is_symlink() and os.readlink(nbs / "01_a.ipynb") == str(real)
+    assert stdout_of(real) == ["ran\n"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["01_a.ipynb"]  # no temporary file left
