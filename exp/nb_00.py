@@ -39,14 +39,18 @@ from http.client import HTTPException
 class CorruptFileError(ValueError):
     "A data file that is truncated, not in idx format, or fails its checksum."
 
-def parse_idx(data, source='idx data'):
-    "The array stored in the bytes `data` of an idx file, as a uint8 tensor."
+def _idx_header(data, source):
+    "Where the array starts in the idx bytes `data`, and its shape, read from the header."
     if len(data) < 4 or data[:3] != b'\x00\x00\x08':
         raise CorruptFileError(f'{source}: not an idx file of unsigned bytes '
                                f'(magic number {bytes(data[:4]).hex()!r}, expected 000008 then the number of dimensions)')
     start = 4 + 4*data[3]
     if len(data) < start: raise CorruptFileError(f'{source}: truncated idx header')
-    shape = struct.unpack(f'>{data[3]}I', data[4:start])
+    return start, struct.unpack(f'>{data[3]}I', data[4:start])
+
+def parse_idx(data, source='idx data'):
+    "The array stored in the bytes `data` of an idx file, as a uint8 tensor."
+    start, shape = _idx_header(data, source)
     size = start + math.prod(shape)
     if len(data) != size:
         raise CorruptFileError(f'{source}: {len(data)} bytes, but an idx file of shape {shape} has {size} '
@@ -92,15 +96,16 @@ def dataset_name(name):
         raise ValueError(f"Unknown dataset {name!r}: the names are 'mnist' and 'fashion_mnist' (or 'fashion-mnist')")
     return canonical
 
-def _gunzip(raw, source, limit=None):
-    "The gzip bytes `raw` decompressed, to at most `limit` bytes; errors name `source`."
+def _gunzip(raw, source, limit=None, why='the size of the real file', head=False):
+    "The gzip bytes `raw` decompressed, to at most `limit` bytes (`head`: only the first `limit`); errors name `source`."
     out, rest = bytearray(), raw
     while rest:  # a gzip file is one or more compressed members, one after the other
         member = zlib.decompressobj(wbits=31)
         try: out += member.decompress(rest, 0 if limit is None else limit + 1 - len(out))  # 0: no limit
         except zlib.error as e: raise CorruptFileError(f'{source}: corrupt gzip ({e})') from None
         if limit is not None and len(out) > limit:
-            raise CorruptFileError(f'{source}: decompresses to more than {limit:,} bytes, the size of the real file')
+            if head: return bytes(out[:limit])
+            raise CorruptFileError(f'{source}: decompresses to more than {limit:,} bytes, {why}')
         if not member.eof: raise CorruptFileError(f'{source}: truncated gzip (the file ends too early)')
         rest = member.unused_data
     return bytes(out)
@@ -118,7 +123,13 @@ def read_idx(path):
     "The array in the idx file at `path` (gzipped if its name ends in .gz), as a uint8 tensor."
     path = Path(path)
     data = path.read_bytes()
-    if path.suffix == '.gz': data = _gunzip(data, path)
+    if path.suffix == '.gz':  # never inflate more than the header, read first, says the file holds
+        start, shape = _idx_header(_gunzip(data, path, 4 + 4*255, head=True), path)
+        size = start + math.prod(shape)
+        if size > 1032*len(data) + 1024:  # deflate shrinks data at most 1032 times
+            raise CorruptFileError(f'{path}: its idx header declares {size:,} bytes, more than '
+                                   f'{len(data):,} bytes of gzip can hold (corrupt or hostile)')
+        data = _gunzip(data, path, size, 'the size its idx header declares')
     return parse_idx(data, path)
 # %% nbs/00_data.ipynb cell 13
 DOWNLOAD_TIMEOUT = 10    # seconds to wait for a mirror to connect, or to send more bytes

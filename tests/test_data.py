@@ -1,5 +1,5 @@
 "Tests of the data loading in exp.nb_00: the idx parser, the real data, and downloads from a local HTTP server."
-import gzip, hashlib, http.server, os, re, socket, struct, threading, time, tracemalloc
+import gzip, hashlib, http.server, os, re, socket, struct, threading, time, tracemalloc, zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,6 +110,41 @@ def test_read_idx_truncated(tmp_path):
     gz = tmp_path/'short.gz'
     gz.write_bytes(gzip.compress(data)[:-20])
     with pytest.raises(ValueError, match=re.escape(str(gz)) + '.*truncated gzip'): read_idx(gz)
+
+class CountingZlib:
+    "Stands in for `zlib` in exp.nb_00: counts the bytes every decompressor gives out."
+    def __init__(self): self.out = 0
+    def __getattr__(self, name): return getattr(zlib, name)
+    def decompressobj(self, *args, **kwargs):
+        real, counter = zlib.decompressobj(*args, **kwargs), self
+        class Counted:
+            def decompress(self, data, max_length=0):
+                out = real.decompress(data, max_length); counter.out += len(out); return out
+            def __getattr__(self, name): return getattr(real, name)
+        return Counted()
+
+def test_read_idx_inflates_no_more_than_the_header_declares(tmp_path, monkeypatch):
+    counting = CountingZlib()
+    monkeypatch.setattr(nb, 'zlib', counting)
+    zeros = write_gz(tmp_path/'zeros.gz', bytes(20 * 2**20))  # 20 MB of zeros: not even an idx header
+    with pytest.raises(CorruptFileError, match=re.escape(str(zeros)) + '.*not an idx file'): read_idx(zeros)
+    assert counting.out <= 2000, f'{counting.out:,} bytes inflated to find the header wrong'
+    counting.out = 0
+    header = bytes([0, 0, 8, 1, 0, 0, 0, 10])  # 10 labels, then 20 MB more
+    bomb = write_gz(tmp_path/'bomb.gz', header + bytes(20 * 2**20))
+    with pytest.raises(CorruptFileError, match=r'more than 18 bytes, the size its idx header declares'): read_idx(bomb)
+    assert counting.out <= 2000 + 19
+    huge = write_gz(tmp_path/'huge.gz', bytes([0, 0, 8, 2, 0x7f, 0, 0, 0, 0x7f, 0, 0, 0]) + bytes(100))
+    with pytest.raises(CorruptFileError, match=r'header declares .* bytes, more than .* bytes of gzip can hold'):
+        read_idx(huge)
+    t = (torch.arange(3000) % 256).to(torch.uint8).reshape(3, 1000)
+    assert torch.equal(read_idx(write_gz(tmp_path/'good.gz', idx_bytes(t))), t)  # 3 KB: more than the header read
+
+def test_read_idx_of_a_gzip_bomb_keeps_memory_small(tmp_path):
+    bomb = write_gz(tmp_path/'bomb.gz', bytes([0, 0, 8, 1, 0, 0, 0, 10]) + bytes(100 * 2**20))  # 100 KB of gzip
+    error, peak = peak_memory(read_idx, bomb)
+    assert isinstance(error, CorruptFileError) and 'the size its idx header declares' in str(error)
+    assert peak < 4 * 2**20, f'{peak:,} bytes of memory for a file of {bomb.stat().st_size:,} bytes'
 
 def test_dataset_names():
     assert dataset_name('mnist') == dataset_name('MNIST') == 'mnist'
