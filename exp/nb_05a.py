@@ -2,7 +2,7 @@
 
 # %% nbs/05a_foundations.ipynb cell 1
 from exp.nb_05 import *
-# %% nbs/05a_foundations.ipynb cell 76
+# %% nbs/05a_foundations.ipynb cell 89
 def _finite_max(x, dim):
     "Maximum of `x` along `dim` (kept), 0 where it is infinite, detached: the LogSumExp shift."
     m = x.detach().amax(dim, keepdim=True)
@@ -13,12 +13,12 @@ def logsumexp(x, dim=-1, keepdim=False):
     m = _finite_max(x, dim)
     res = m + (x - m).exp().sum(dim, keepdim=True).log()
     return res if keepdim else res.squeeze(dim)
-# %% nbs/05a_foundations.ipynb cell 81
+# %% nbs/05a_foundations.ipynb cell 94
 def log_softmax(x, dim=-1):
     "Log of the softmax of `x` along `dim`: `z - log(sum(exp(z)))` with `z` = `x` minus its maximum."
     z = x - _finite_max(x, dim)
     return z - z.exp().sum(dim, keepdim=True).log()
-# %% nbs/05a_foundations.ipynb cell 91
+# %% nbs/05a_foundations.ipynb cell 104
 def binary_cross_entropy_with_logits(logits, targets):
     "Mean binary cross-entropy of `sigmoid(logits)` against `targets` in [0, 1], stable for any logits."
     if logits.shape != targets.shape:

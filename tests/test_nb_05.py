@@ -466,3 +466,26 @@ def test_avg_stats_and_recorder_read_no_tensor_value_while_training(monkeypatch)
     monkeypatch.undo()
     assert len(run.recorder.losses) == 6 and all(torch.is_tensor(l) for l in run.recorder.losses)
     assert run.avg_stats.train_stats.count == 10
+
+
+# --- the notebook's own cells ------------------------------------------------------------------
+
+def notebook_cell(cell_id, nb='nbs/05_training_loop.ipynb'):
+    "The source of the cell with id `cell_id` in notebook `nb` (relative to the repository)."
+    import json, pathlib
+    cells = json.loads((pathlib.Path(__file__).parent.parent / nb).read_text())['cells']
+    return ''.join(next(c['source'] for c in cells if c['id'] == cell_id))
+
+
+def test_the_tensor_sums_cell_inspects_its_own_fits_avg_stats(capsys):
+    "Under the hood, 'Statistics that do not wait for the GPU' fits with AvgStatsCallback and reads that fit's sums."
+    ns = {}
+    exec('from exp.nb_05 import *', ns)
+    g = torch.Generator().manual_seed(0)
+    ns.update(small_ds=Dataset(torch.randn(10, 784, generator=g), torch.randint(0, 10, (10,), generator=g)),
+              c=10, loss_func=F.cross_entropy)   # what the notebook's earlier cells bound; no `stats` of cell 28
+    exec(notebook_cell('e5704555'), ns)
+    out = capsys.readouterr().out
+    assert "train_stats sums: Tensor ['Tensor']" in out and 'a loss the Recorder kept: Tensor' in out
+    assert 'train:' in out and 'valid:' in out        # AvgStatsCallback printed the epoch
+    assert ns['sums'] is ns['run'].avg_stats.train_stats and ns['sums'].count == 10

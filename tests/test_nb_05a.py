@@ -325,3 +325,44 @@ def test_multilabel_loss_shape_mismatch():
     with pytest.raises(ValueError, match='same shape'):
         multilabel_loss(torch.zeros(4, 3), torch.tensor([0, 2, 1, 1]))
 
+
+
+# --- the notebook's own cells: what **kwargs hides, reading the source ----------------------------
+
+def notebook_cells(*cell_ids, nb='nbs/05a_foundations.ipynb'):
+    "The sources of the cells with ids `cell_ids` in notebook `nb` (relative to the repository), joined."
+    import json, pathlib
+    cells = {c['id']: ''.join(c['source']) for c in json.loads((pathlib.Path(__file__).parent.parent / nb).read_text())['cells']}
+    return '\n'.join(cells[i] for i in cell_ids)
+
+
+def run_05a_cells(*cell_ids):
+    ns = {}
+    exec('from exp.nb_05a import *\nimport inspect', ns)
+    exec(notebook_cells(*cell_ids), ns)
+    return ns
+
+
+def test_kwargs_swallow_a_misspelt_keyword_and_the_two_fixes_refuse_it(capsys):
+    run_05a_cells('449590fe')
+    assert capsys.readouterr().out.splitlines() == ["Brilliant! We've finished epoch 1!", "Awesome! We've finished epoch 2!"]
+    ns = run_05a_cells('449590fe', '528fc868', '22b6b104')
+    out = capsys.readouterr().out
+    assert "TypeError: show_progress() got an unexpected keyword argument 'exclamaton'" in out
+    assert "when the callback is made, TypeError: progress_callback: unknown keyword argument(s) ['exclamaton']" in out
+    assert "show_progress takes ['exclamation']" in out
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) \['lr'\]"): ns['progress_callback'](exclamation='Hi', lr=0.1)
+
+
+def test_reading_the_source_cells_show_get_dls_and_kaimings_code_without_its_docstring(capsys):
+    ns = run_05a_cells('60e6d655', '6ecdd7e4')
+    out = capsys.readouterr().out
+    assert 'def get_dls(train_ds, valid_ds, bs, **kwargs):' in out
+    assert "DataLoader takes ['ds', 'sampler', 'collate_fn']" in out and "unexpected keyword argument 'colate_fn'" in out
+    assert 'torch/nn/init.py' in out and 'std = gain / math.sqrt(fan)' in out and 'Kaiming normal distribution' not in out
+    def documented(x):
+        "Doc."
+        return x
+    def bare(x): return x
+    assert ns['source_code'](documented) == '    def documented(x):\n        return x\n'
+    assert ns['source_code'](bare).strip() == 'def bare(x): return x'
