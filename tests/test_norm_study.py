@@ -139,3 +139,77 @@ def test_a_study_made_with_another_recipe_is_not_resumed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and 'another recipe' in err and 'conv 8-16-32-32' in err and '--out' in err
     assert json.loads((tmp_path / 'norm_study.json').read_text()) == old  # untouched
+
+
+def meta(seeds):
+    return {'seeds': seeds, 'recipe': ns.RECIPE, 'command': 'CMD', 'machine': 'M', 'torch': 'T', 'date': 'D'}
+
+
+WRITER = '''
+import json, sys, time
+sys.path.insert(0, {bench!r})
+import norm_study as ns
+from pathlib import Path
+seed, out = int(sys.argv[1]), Path(sys.argv[2])
+results = {{'runs': {{}}, 'meta': dict({meta!r}, seeds=[seed])}}  # as `--seeds <seed>` would
+while not (out / 'go').exists(): time.sleep(0.01)  # both writers start together
+for i, norm in enumerate(ns.NORMS * 4):
+    r = dict(dataset=ns.DATASETS[i % 2], norm=norm, bs=ns.BATCH_SIZES[i // 6 % 4], seed=seed, lr=0.4, valid_acc=0.5,
+             train_loss=None, diverged_at=None, steps=1, seconds=1.)
+    results['runs'][ns.key(r)] = r
+    ns.write(results, out / 'norm_study.json', out / 'norm_study.md')
+'''
+
+
+def test_two_studies_writing_one_folder_at_once_lose_no_run(tmp_path):
+    import subprocess
+    code = WRITER.format(bench=str(ROOT / 'benchmarks'), meta=meta([0]))
+    writers = [subprocess.Popen([sys.executable, '-c', code, str(seed), str(tmp_path)]) for seed in (0, 1)]
+    (tmp_path / 'go').touch()
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    results = json.loads((tmp_path / 'norm_study.json').read_text())
+    assert len(results['runs']) == 2 * 24 and {r['seed'] for r in results['runs'].values()} == {0, 1}
+    assert results['meta']['seeds'] == [0, 1]
+    assert '48 runs' in (tmp_path / 'norm_study.md').read_text()
+
+
+@pytest.mark.parametrize('content, why', [
+    (b'', 'is empty'), (b'{"runs": {"mnist/none', 'is not complete JSON'), (b'[1, 2]', 'holds a JSON list'),
+    (b'{"meta": {}}', "has no 'runs'"), (b'{"runs": [1, 2]}', "has no 'runs'"),
+    (b'{"runs": {"a": 3}}', "run 'a' is not an object"),
+    (b'{"runs": {"mnist/none/bs2/seed0": {"dataset": "mnist", "norm": "none"}}}', 'lacks a valid bs, seed'),
+    (b'\x89PNG\r\n\x1a\n\x00\xff\xfe', 'not text')])
+def test_resuming_from_a_truncated_or_foreign_file_is_one_line_naming_it(tmp_path, capsys, content, why):
+    (tmp_path / 'norm_study.json').write_bytes(content)
+    for argv in (['--out', str(tmp_path), '--seeds', '0'], ['--table', '--out', str(tmp_path)]):
+        with pytest.raises(SystemExit) as e: ns.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count('\n') == 1, err
+        assert str(tmp_path / 'norm_study.json') in err and why in err and 'not a norm-study results file' in err
+    assert (tmp_path / 'norm_study.json').read_bytes() == content  # untouched
+
+
+def test_the_header_names_the_seeds_the_numbers_come_from():
+    runs = [record('mnist', 'BatchNorm', 2, 0, 0.90), record('mnist', 'BatchNorm', 2, 1, 0.96)]
+    resumed = ns.table({'runs': {ns.key(r): r for r in runs}, 'meta': meta([0])})  # resumed with --seeds 0
+    assert 'mean over seeds 0, 1 (min-max in brackets)' in resumed.splitlines()[0]
+    assert '| BatchNorm | 93.0 (90.0-96.0) | … | … | … |' in resumed
+    one = ns.table({'runs': {ns.key(runs[0]): runs[0]}, 'meta': meta([0])})
+    assert 'one run per cell (seed 0)' in one.splitlines()[0] and 'brackets' not in one and 'mean' not in one.splitlines()[0]
+    assert '| BatchNorm | 90.0 | … | … | … |' in one
+    part = ns.table({'runs': {ns.key(runs[0]): runs[0]}, 'meta': meta([0, 1])})
+    assert '| BatchNorm | 90.0 [1/2] |' in part and '[k/2]: only k of the seeds 0, 1 run yet' in part
+
+
+def test_smoke_runs_go_to_a_fresh_folder_each(tmp_path, monkeypatch, capsys):
+    import tempfile
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+    monkeypatch.setattr(ns, 'finished', lambda jobs, workers: (record(*job[:4], 0.5) for job in jobs))
+    folders = []
+    for _ in range(2):
+        ns.main(['--smoke'])
+        out = capsys.readouterr().out
+        folders.append(Path(next(l for l in out.splitlines() if l.startswith('smoke run into ')).split(' into ')[1]))
+        assert '0 of 48 runs done already' in out  # nothing taken over from an earlier smoke run
+    assert folders[0] != folders[1] and all(f.parent == tmp_path for f in folders)
+    assert all(len(json.loads((f / 'norm_study.json').read_text())['runs']) == 48 for f in folders)
