@@ -1,38 +1,105 @@
 """Notebook 07's batch-size-2 runs (one epoch at a constant lr of 0.4) with other seeds: how noisy one run is.
 
-    EXP_DATA_DIR=../shared/data python benchmarks/bs2_seeds.py RunningBatchNorm 0 1 2 3
-    EXP_DATA_DIR=../shared/data python benchmarks/bs2_seeds.py BatchNorm2d 0 1 2 3
+    EXP_DATA_DIR=../shared/data python benchmarks/bs2_seeds.py --seeds 0 1 2
+    EXP_DATA_DIR=../shared/data python benchmarks/bs2_seeds.py --norms BatchNorm2d RunningBatchNorm --seeds 3 4
+    python benchmarks/bs2_seeds.py --table      # rewrite results/bs2_seeds.md from results/bs2_seeds.json
 
 The same model (the lesson's: filters 8-16-32-64-64, the last convolution sees 1x1 pixels), data, callbacks and
-learning rate as notebook 07's cells, one torch thread; prints one line per seed: the norm, the seed and the
-validation accuracy. Each run is about a minute on a 2-core CPU.
+learning rate as notebook 07's cells, one torch thread. Every finished run is written at once to
+results/bs2_seeds.json (so an interrupted run resumes where it stopped, and runs already there are skipped);
+results/bs2_seeds.md is the table: per norm, the accuracy of each seed, their mean and range. Each run is one to a
+few minutes on a 2-core CPU.
 """
-import argparse, contextlib, io, sys
+import argparse, contextlib, datetime, io, json, math, os, platform, sys, time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from notebook2script import write_atomic  # temporary file + os.replace: an interrupted run never leaves half a file
+
 NFS = [8, 16, 32, 64, 64]   # notebook 07's network, the lesson's
 NORMS = {'BatchNorm2d': lambda nb: nb.nn.BatchNorm2d, 'BatchNorm': lambda nb: nb.BatchNorm,
          'GroupNorm': lambda nb: nb.partial(nb.GroupNorm, 4), 'RunningBatchNorm': lambda nb: nb.RunningBatchNorm}
+NOTEBOOK = {'BatchNorm2d': 'nn.BatchNorm2d', 'BatchNorm': 'BatchNorm', 'GroupNorm': 'GroupNorm (4 groups)',
+            'RunningBatchNorm': 'RunningBatchNorm'}
+RECIPE = ("notebook 07's batch-size-2 cells: the lesson's CNN (conv 8-16-32-64-64, the last sees 1x1 pixels; Kaiming init, "
+          "ReLU, then the norm), SGD at a constant lr of 0.4, batch size 2, one epoch of the 50,000 training images, "
+          "the norm layers of exp.nb_07; accuracy on the 10,000 validation images in evaluation mode")
+
+
+def run_one(nb, data2, norm, seed):
+    "Train one model as notebook 07 does at batch size 2 with `seed`; its record."
+    cbfs = [nb.Recorder, nb.partial(nb.AvgStatsCallback, nb.accuracy), nb.DeviceCallback,
+            nb.partial(nb.BatchTransformXCallback, nb.mnist_view)]
+    nb.torch.manual_seed(seed)
+    learn, run = nb.get_learn_run(NFS, data2, 0.4, nb.conv_layer, cbs=cbfs, norm=NORMS[norm](nb))
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()): run.fit(1, learn)
+    seconds = time.perf_counter() - start
+    (tl, ta), (vl, va) = run.avg_stats.train_stats.avg_stats, run.avg_stats.valid_stats.avg_stats
+    def num(v): v = float(v); return v if math.isfinite(v) else None
+    return {'norm': norm, 'seed': seed, 'valid_acc': num(va), 'valid_loss': num(vl), 'train_acc': num(ta),
+            'train_loss': num(tl), 'steps': len(data2.train_dl), 'seconds': round(seconds, 1)}
+
+
+def table(results):
+    "The markdown table: per norm, each seed's validation accuracy, the mean and the range."
+    runs, meta = results['runs'], results['meta']
+    seeds = sorted({r['seed'] for r in runs.values()})
+    lines = [f"Validation accuracy (%) after one epoch at batch size 2 (lr 0.4) for seeds {', '.join(map(str, seeds))}. "
+             f"{meta['recipe']}.", '',
+             f"Made by `{meta['command']}` on {meta['machine']}, torch {meta['torch']}, {meta['date']}; {len(runs)} runs, "
+             f"{sum(r['seconds'] for r in runs.values()) / 60:.0f} minutes of training.", '',
+             '| norm | ' + ' | '.join(f'seed {s}' for s in seeds) + ' | mean | min-max |', '|---|' + '---:|' * (len(seeds) + 2)]
+    for norm in NORMS:
+        rs = {r['seed']: r for r in runs.values() if r['norm'] == norm}
+        if not rs: continue
+        accs = [r['valid_acc'] * 100 for r in rs.values() if r['valid_acc'] is not None]
+        cells = [f"{rs[s]['valid_acc'] * 100:.1f}" if s in rs and rs[s]['valid_acc'] is not None else ('NaN' if s in rs else '…')
+                 for s in seeds]
+        rng = f'{min(accs):.1f}-{max(accs):.1f}' if len(accs) > 1 else ''
+        lines.append(f'| {NOTEBOOK[norm]} | ' + ' | '.join(cells) + f' | {sum(accs) / len(accs):.1f} | {rng} |')
+    lines += ['', '… : not run. Notebook 07 runs seed 1.']
+    return '\n'.join(lines) + '\n'
+
+
+def write(results, json_path, md_path):
+    write_atomic(json_path, json.dumps(results, indent=1, sort_keys=True))
+    write_atomic(md_path, table(results))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('norm', choices=list(NORMS))
-    p.add_argument('seeds', type=int, nargs='+')
+    p.add_argument('--norms', nargs='+', choices=list(NORMS), default=['BatchNorm2d', 'RunningBatchNorm', 'GroupNorm'],
+                   help='norm layers, in this order for each seed (default: BatchNorm2d RunningBatchNorm GroupNorm)')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='seeds (default 0 1 2)')
+    p.add_argument('--out', default=str(ROOT / 'results'), help='folder for bs2_seeds.json and .md')
+    p.add_argument('--table', action='store_true', help='only rewrite the markdown table from the json')
     args = p.parse_args(argv)
+    out = Path(args.out)
+    json_path, md_path = out / 'bs2_seeds.json', out / 'bs2_seeds.md'
+    if args.table:
+        if not json_path.is_file(): p.error(f'--table: {json_path} does not exist; run some seeds first')
+        write_atomic(md_path, table(json.loads(json_path.read_text())))
+        print(md_path.read_text()); return
     import exp.nb_07 as nb
     nb.torch.set_num_threads(1)
+    results = json.loads(json_path.read_text()) if json_path.exists() else {'runs': {}}
+    results['meta'] = {
+        'command': 'python benchmarks/bs2_seeds.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:])),
+        'machine': f'{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread',
+        'torch': nb.torch.__version__, 'date': datetime.date.today().isoformat(), 'recipe': RECIPE}
     x_train, y_train, x_valid, y_valid = nb.get_data()
     x_train, x_valid = nb.normalize_to(x_train, x_valid)
     data2 = nb.DataBunch(*nb.get_dls(nb.Dataset(x_train, y_train), nb.Dataset(x_valid, y_valid), 2), 10)
-    cbfs = [nb.Recorder, nb.partial(nb.AvgStatsCallback, nb.accuracy), nb.DeviceCallback,
-            nb.partial(nb.BatchTransformXCallback, nb.mnist_view)]
     for seed in args.seeds:
-        nb.torch.manual_seed(seed)
-        learn, run = nb.get_learn_run(NFS, data2, 0.4, nb.conv_layer, cbs=cbfs, norm=NORMS[args.norm](nb))
-        with contextlib.redirect_stdout(io.StringIO()): run.fit(1, learn)
-        print(args.norm, seed, f'{run.avg_stats.valid_stats.avg_stats[1]:.4f}', flush=True)
+        for norm in args.norms:
+            if f'{norm}/seed{seed}' in results['runs']: continue
+            r = run_one(nb, data2, norm, seed)
+            results['runs'][f'{norm}/seed{seed}'] = r
+            write(results, json_path, md_path)
+            print(norm, seed, f"{r['valid_acc']}", f"in {r['seconds']:.0f} s", flush=True)
+    print(md_path.read_text())
 
 
 if __name__ == '__main__':
