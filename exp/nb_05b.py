@@ -11,17 +11,15 @@ class Callback():
     "Methods named after training events; `cb('begin_fit')` runs `cb.begin_fit()` if there is one."
     _order = 0
     def set_runner(self, run): self.run = run
-    def __getattr__(self, k):
-        "Attributes the callback lacks are looked up on its runner: `self.model`, `self.in_train`..."
+    def __getattr__(self, k):   # what the callback lacks is looked up on its runner: `self.model`, `self.in_train`...
         if k == 'run': raise AttributeError(f"{type(self).__name__} is not attached to a Runner yet")
+        if k.startswith(('begin_', 'after_')): raise AttributeError(k)   # an event it does not handle
         return getattr(self.run, k)
     @property
     def name(self):
-        "Snake-case name without the `Callback` suffix: `AvgStatsCallback` -> `avg_stats`, `LR_Find` -> `lr_find`."
         name = re.sub(r'Callback$', '', self.__class__.__name__)
         return re.sub('_+', '_', camel2snake(name or 'callback'))
-    def __call__(self, cb_name):
-        "Run this callback's method for event `cb_name`, if it has one; True if it asks to stop."
+    def __call__(self, cb_name):   # runs its method for event `cb_name`, if it has one; True if it asks to stop
         f = getattr(self, cb_name, None)
         return bool(f and f())
 
@@ -35,32 +33,20 @@ class TrainEvalCallback(Callback):
     def begin_epoch(self):
         self.run.n_epochs, self.run.in_train = float(self.epoch), True
         self.model.train()
-    def begin_validate(self):
-        self.model.eval()
-        self.run.in_train = False
+    def begin_validate(self): self.model.eval(); self.run.in_train = False
 # %% nbs/05b_early_stopping.ipynb cell 12
-import numbers
-
 class Runner():
     "The training loop; callbacks steer it by raising the Cancel*Exceptions."
-    state = ('cbs', 'learn', 'epochs', 'epoch', 'iters', 'xb', 'yb', 'pred', 'loss', 'in_train', 'n_epochs', 'n_iter')
     def __init__(self, cbs=None, cb_funcs=None):
-        check_cb_args(listify(cbs), listify(cb_funcs), Callback)
         self.cbs, self.in_train, self.learn = [], False, None
         for cb in [TrainEvalCallback()] + listify(cbs) + [cbf() for cbf in listify(cb_funcs)]: self.add_cb(cb)
-    def add_cb(self, cb):
-        "Add a callback, reachable as `run.<its name>` (a name the runner itself uses is refused)."
-        check_cb_name(self, cb)
+    def add_cb(self, cb):   # reachable as `run.<its name>`
         setattr(self, cb.name, cb)
         self.cbs.append(cb)
-    @property
-    def opt(self): return self.learn.opt
-    @property
-    def model(self): return self.learn.model
-    @property
-    def loss_func(self): return self.learn.loss_func
-    @property
-    def data(self): return self.learn.data
+    opt = property(lambda self: self.learn.opt)
+    model = property(lambda self: self.learn.model)
+    loss_func = property(lambda self: self.learn.loss_func)
+    data = property(lambda self: self.learn.data)
 
     def one_batch(self, xb, yb):
         try:
@@ -79,8 +65,7 @@ class Runner():
         except CancelBatchException: self('after_cancel_batch')
         finally: self('after_batch')
 
-    def all_batches(self, dl, begin_event):
-        "One pass over `dl`, opened by `begin_event` (`'begin_epoch'` or `'begin_validate'`)."
+    def all_batches(self, dl, begin_event):   # one pass over `dl`, opened by 'begin_epoch' or 'begin_validate'
         self.iters = len(dl)
         try:
             if self(begin_event): return
@@ -88,48 +73,29 @@ class Runner():
         except CancelEpochException: self('after_cancel_epoch')
 
     def fit(self, epochs, learn):
-        check_epochs(epochs)
-        if epochs == 0: return
         self.epochs, self.learn, self.loss = epochs, learn, tensor(0.)
         try:
-            try:
-                for cb in self.cbs: cb.set_runner(self)
-                self('begin_fit')
-                for epoch in range(epochs):
-                    self.epoch = epoch
-                    self.all_batches(self.data.train_dl, 'begin_epoch')
-                    with torch.no_grad(): self.all_batches(self.data.valid_dl, 'begin_validate')
-                    self('after_epoch')
-            except CancelTrainException: self('after_cancel_train')
-        except BaseException as e:
-            self.end_fit(e)   # every callback's after_fit, then `e` goes on
-            raise
-        self.end_fit()
+            self.cbs.sort(key=lambda cb: cb._order)   # once per fit, not at every event
+            for cb in self.cbs: cb.set_runner(self)
+            self('begin_fit')
+            for epoch in range(epochs):
+                self.epoch = epoch
+                self.all_batches(self.data.train_dl, 'begin_epoch')
+                with torch.no_grad(): self.all_batches(self.data.valid_dl, 'begin_validate')
+                self('after_epoch')
+        except CancelTrainException: self('after_cancel_train')
+        finally: self.end_fit()
 
-    def end_fit(self, error=None):
-        "Call every callback's `after_fit`, even after a failure; raise the first error, the later ones noted on it."
-        errors = [] if error is None else [error]
-        for cb in sorted(self.cbs, key=lambda cb: cb._order):
-            try: cb('after_fit')
-            except BaseException as e:
-                if errors: add_note(errors[0], f'then {type(cb).__name__}.after_fit failed too: {type(e).__name__}: {e}')
-                errors.append(e)
-        self.learn = None
-        if errors and errors[0] is not error: raise errors[0]
+    def end_fit(self): self('after_fit'); self.learn = None   # 05c: every after_fit runs even when one fails
 
-    def __call__(self, cb_name):
-        "Call event `cb_name` on every callback in `_order`; True if any of them returned True."
-        res = False
-        for cb in sorted(self.cbs, key=lambda cb: cb._order): res = cb(cb_name) or res
-        return res
-# %% nbs/05b_early_stopping.ipynb cell 21
+    def __call__(self, cb_name):   # every callback (in `_order` since the fit began) gets the event; True if any returned True
+        return any([cb(cb_name) for cb in self.cbs])   # a list, not a generator: every callback is called
+# %% nbs/05b_early_stopping.ipynb cell 23
 class AvgStatsCallback(Callback):
     "Keeps `train_stats` and `valid_stats` (`AvgStats`) for each epoch; prints them if `print_stats`."
     def __init__(self, metrics, print_stats=True):
         self.train_stats, self.valid_stats, self.print_stats = AvgStats(metrics, True), AvgStats(metrics, False), print_stats
-    def begin_epoch(self):
-        self.train_stats.reset()
-        self.valid_stats.reset()
+    def begin_epoch(self): self.train_stats.reset(); self.valid_stats.reset()
     def after_loss(self):
         stats = self.train_stats if self.in_train else self.valid_stats
         with torch.no_grad(): stats.accumulate(self.run)
@@ -142,13 +108,11 @@ class Recorder(Callback):
     def after_batch(self):
         if not self.in_train: return
         for pg, lrs in zip(self.opt.param_groups, self.lrs): lrs.append(pg['lr'])
-        self.losses.append(self.loss.detach())   # on the device: fetched once, by loss_values
+        self.losses.append(self.loss.detach())
     def loss_values(self): return torch.stack(self.losses).float().cpu() if self.losses else torch.zeros(0)
     def plot_lr(self, pgid=-1): plt.plot(self.lrs[pgid]); plt.xlabel('iteration'); plt.ylabel('learning rate')
-    def plot_loss(self, skip_last=0):
-        plt.plot(self.loss_values()[:len(self.losses) - skip_last]); plt.xlabel('iteration'); plt.ylabel('loss')
-    def plot(self, skip_last=0, pgid=-1):
-        "Loss against learning rate, on a log axis."
+    def plot_loss(self, skip_last=0): plt.plot(self.loss_values()[:len(self.losses) - skip_last]); plt.xlabel('iteration'); plt.ylabel('loss')
+    def plot(self, skip_last=0, pgid=-1):   # loss against learning rate, on a log axis
         n = len(self.losses) - skip_last
         plt.xscale('log'); plt.plot(self.lrs[pgid][:n], self.loss_values()[:n]); plt.xlabel('learning rate'); plt.ylabel('loss')
 
@@ -157,15 +121,12 @@ class ParamScheduler(Callback):
     _order = 1
     def __init__(self, pname, sched_funcs): self.pname, self.sched_funcs = pname, sched_funcs
     def begin_fit(self):
-        n = len(self.opt.param_groups)
-        self.funcs = self.sched_funcs if isinstance(self.sched_funcs, (list, tuple)) else [self.sched_funcs] * n
-        if len(self.funcs) != n: raise ValueError(f"ParamScheduler({self.pname!r}): {len(self.funcs)} schedules for {n} parameter groups")
-        check_hyper_param(self.opt, self.pname)
+        self.funcs = self.sched_funcs if isinstance(self.sched_funcs, (list, tuple)) else [self.sched_funcs] * len(self.opt.param_groups)
     def begin_batch(self):
         if not self.in_train: return
         for pg, f in zip(self.opt.param_groups, self.funcs): pg[self.pname] = f(self.n_epochs / self.epochs)
-# %% nbs/05b_early_stopping.ipynb cell 31
-import copy, warnings
+# %% nbs/05b_early_stopping.ipynb cell 33
+import copy, itertools
 
 def debiased_ewma(xs, beta=0.9):
     "Exponentially weighted moving average of the numbers `xs`, divided by `1-beta**i` so the first values are not pulled to 0."
@@ -174,17 +135,13 @@ def debiased_ewma(xs, beta=0.9):
         avg = beta * avg + (1 - beta) * x
         res.append(avg / (1 - beta ** i))
     return res
-# %% nbs/05b_early_stopping.ipynb cell 34
+# %% nbs/05b_early_stopping.ipynb cell 36
 class LR_Find(Callback):
     "Grows the lr exponentially from `min_lr` to `max_lr` over `max_iter` steps; then puts the model and optimizer back."
     _order, smooth_beta = 1, 0.9   # smooth_beta: smoothing of the loss for `suggested_lr` and `plot`
     def __init__(self, max_iter=100, min_lr=1e-6, max_lr=10):
-        if not isinstance(max_iter, int) or max_iter < 1: raise ValueError(f"LR_Find: max_iter must be an integer >= 1, got {max_iter!r}")
-        if not 0 < min_lr < max_lr < math.inf:
-            raise ValueError(f"LR_Find: need 0 < min_lr < max_lr < inf (finite numbers, min_lr below max_lr), got min_lr={min_lr!r}, max_lr={max_lr!r}")
         self.max_iter, self.min_lr, self.max_lr = max_iter, min_lr, max_lr
         self.lrs, self.losses, self.saved, self.stop_reason = [], [], None, None
-
     def begin_fit(self):
         modes = [m.training for m in self.model.modules()]
         self.saved = copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.opt.state_dict()), modes
@@ -193,170 +150,41 @@ class LR_Find(Callback):
         if not self.in_train: return
         for pg in self.opt.param_groups: pg['lr'] = self.min_lr * (self.max_lr / self.min_lr) ** (self.n_iter / self.max_iter)
     def after_loss(self):
-        loss = self.loss.item()   # one sync per step: the stopping rule needs the value
+        loss = self.loss.item()   # exploded: not finite, or the lesson's `loss > 10*best` written to work for a loss of any sign
         self.lrs.append(self.opt.param_groups[-1]['lr'])
         self.losses.append(loss)
-        if self.exploded(loss): self.stop('the loss exploded')
+        if not math.isfinite(loss) or (self.best_loss != 0 and loss - self.best_loss > 9 * abs(self.best_loss)): self.stop('the loss exploded')
         self.best_loss = min(self.best_loss, loss)
-    def exploded(self, loss):
-        "Not finite, or above the best loss by more than 9 times the best loss's size: `loss > 10*best` when losses are positive, and any sign works."
-        return not math.isfinite(loss) or (self.best_loss != 0 and loss - self.best_loss > 9 * abs(self.best_loss))
     def after_step(self):
         if self.n_iter >= self.max_iter: self.stop('it reached max_lr')
-    def stop(self, reason):
-        self.stop_reason = reason
-        raise CancelTrainException()
+    def stop(self, reason): self.stop_reason = reason; raise CancelTrainException()
     def begin_validate(self): return True   # no validation during the search
-    def after_epoch(self):
-        if self.epoch == self.epochs - 1:
-            warnings.warn(f"LR_Find: the data ran out after {len(self.losses)} of {self.max_iter + 1} steps; fit more epochs to reach max_lr")
-    def after_fit(self):
-        "Put back the weights, the optimizer's state and each module's train/eval mode."
+    def after_fit(self):   # put back the weights, the optimizer's state and each module's train/eval mode
         if self.saved is None: return
         (model_state, opt_state, modes), self.saved = self.saved, None
-        self.model.load_state_dict(model_state)
-        self.opt.load_state_dict(opt_state)
+        self.model.load_state_dict(model_state); self.opt.load_state_dict(opt_state)
         for m, training in zip(self.model.modules(), modes): m.training = training
 
-    def smoothed_losses(self):
-        "The losses up to the first one that is not finite, smoothed by `debiased_ewma`."
-        n = next((i for i, l in enumerate(self.losses) if not math.isfinite(l)), len(self.losses))
-        return debiased_ewma(self.losses[:n], self.smooth_beta)
+    def smoothed_losses(self):   # the losses up to the first one that is not finite, smoothed
+        return debiased_ewma(list(itertools.takewhile(math.isfinite, self.losses)), self.smooth_beta)
     @property
-    def suggested_lr(self):
-        "A tenth of the lr at the minimum of the smoothed loss (None before a search)."
+    def suggested_lr(self):   # a tenth of the lr at the minimum of the smoothed loss (None before a search)
         smooth = self.smoothed_losses()
         return self.lrs[smooth.index(min(smooth))] / 10 if smooth else None
     def plot(self, skip_last=0):
-        "Loss (raw and smoothed) against learning rate on a log axis, the suggested lr marked in red."
         n, smooth, lr = len(self.losses) - skip_last, self.smoothed_losses(), self.suggested_lr
         plt.xscale('log'); plt.xlabel('learning rate'); plt.ylabel('loss')
         plt.plot(self.lrs[:n], self.losses[:n], alpha=0.4, label='loss')
         plt.plot(self.lrs[:len(smooth[:n])], smooth[:n], label='smoothed loss')
         if lr is not None: plt.axvline(lr, color='red', linestyle='--', label=f'suggested lr {lr:.2g}')
         plt.legend()
-# %% nbs/05b_early_stopping.ipynb cell 54
+# %% nbs/05b_early_stopping.ipynb cell 52
 class StopOnNanCallback(Callback):
-    "Stops training (`CancelTrainException`) at the first training loss that is NaN or infinite; `found_at = (epoch, iteration)`."
-    all_ok = n_ok = None   # until the first training step
-    def __init__(self, check_every=None):
-        if check_every is not None and (not isinstance(check_every, numbers.Integral) or check_every < 1):
-            raise ValueError(f"StopOnNanCallback: check_every must be None or an integer >= 1, got {check_every!r}")
-        self.check_every, self.found_at, self.epoch_start = check_every, None, 0
-    def begin_fit(self): self.found_at, self.all_ok, self.n_ok = None, None, None
-    def begin_epoch(self): self.epoch_start = self.n_iter
+    "Stops training (`CancelTrainException`) at the first training loss that is NaN or infinite."
     def after_loss(self):
-        if not self.in_train: return
-        finite = torch.isfinite(self.loss.detach())
-        if self.all_ok is None:  # first step: the counters live where the loss lives
-            self.all_ok, self.n_ok = finite.clone(), torch.full_like(finite, self.n_iter, dtype=torch.long)
-        else: self.all_ok &= finite
-        every = self.check_every or (1 if self.loss.device.type == 'cpu' else 100)
-        if (self.n_iter + 1) % every == 0: self.check()
-    def after_batch(self):
-        if self.in_train and self.n_ok is not None: self.n_ok += self.all_ok
-    def begin_validate(self): self.check()   # end of the training pass
-    def after_fit(self):
-        self.check(stop=False)   # a fit cancelled between two checks
-        self.all_ok = self.n_ok = None
-    def check(self, stop=True):
-        "Read the device flag (one sync); on a bad loss, report it and stop training."
-        if self.all_ok is None or self.found_at is not None or bool(self.all_ok): return
-        self.found_at = (self.epoch, int(self.n_ok))
-        print(f"StopOnNanCallback: the training loss was NaN or infinite at epoch {self.found_at[0]}, step {self.found_at[1] - self.epoch_start} "
-              f"of the epoch (step {self.found_at[1]} of the fit, both counted from 0); training stopped.")
-        if stop: raise CancelTrainException()
-# %% nbs/05b_early_stopping.ipynb cell 59
-import importlib.util, sys, time
-from tqdm import tqdm
-from tqdm.notebook import tqdm as notebook_tqdm
-
-PROGRESS_MODES = ('auto', 'notebook', 'text', 'off')
-
-def in_notebook():
-    "True inside a Jupyter kernel, where tqdm can draw widgets."
-    shell = sys.modules['IPython'].get_ipython() if 'IPython' in sys.modules else None
-    return type(shell).__name__ == 'ZMQInteractiveShell'
-
-def is_tty(stream):
-    "True if `stream` is an interactive terminal."
-    try: return bool(stream.isatty())
-    except (AttributeError, ValueError): return False
-
-def progress_mode(mode='auto', file=None):
-    "What `ProgressCallback(mode)` shows: 'notebook', 'text' or 'off' (see its docs)."
-    if mode not in PROGRESS_MODES: raise ValueError(f"progress mode must be one of {PROGRESS_MODES}, got {mode!r}")
-    if mode == 'auto': mode = 'notebook' if in_notebook() else 'text' if is_tty(file or sys.stderr) else 'off'
-    return 'text' if mode == 'notebook' and importlib.util.find_spec('ipywidgets') is None else mode
-
-def format_time(secs):
-    "`m:ss.s`: `format_time(5.42)` is `'0:05.4'`."
-    secs = round(secs, 1)
-    return f'{int(secs // 60)}:{secs % 60:04.1f}'
-
-def text_output(text): return {'text/plain': text}   # a display of plain text (`raw=True`)
-# %% nbs/05b_early_stopping.ipynb cell 60
-class ProgressCallback(Callback):
-    "A bar over the batches of each pass with its mean loss, and a table row per epoch; `tqdm_kwargs` go to tqdm."
-    shown, stats, bar = 'off', None, None   # until begin_fit
-    def __init__(self, mode='auto', file=None, refresh_secs=0.5, **tqdm_kwargs):
-        progress_mode(mode)   # reject an unknown mode now
-        self.mode, self.file, self.refresh_secs, self.tqdm_kwargs = mode, file, refresh_secs, tqdm_kwargs
-    def begin_fit(self):
-        self.shown, self.stats = progress_mode(self.mode, self.file), getattr(self.run, 'avg_stats', None)
-        if self.shown == 'off': return
-        if self.stats is not None: self.stats_printed, self.stats.print_stats = self.stats.print_stats, False   # one table instead
-        metrics = [getattr(m, '__name__', 'metric') for m in (self.stats.valid_stats.metrics if self.stats else [])]
-        self.rows = []
-        if self.shown == 'notebook':   # two display areas: the table, and below it the bar of the current pass
-            from IPython.display import DisplayHandle
-            self.table, self.bar_area = DisplayHandle(), DisplayHandle()
-            self.table.display(text_output(''), raw=True); self.bar_area.display(text_output(''), raw=True)
-        self.write(['epoch', 'train_loss', 'valid_loss', *metrics, 'time'])
-    def write(self, row):
-        self.rows.append('  '.join(f'{o:>10}' for o in row))
-        if self.shown == 'text': print(self.rows[-1], file=self.file)
-        else: self.table.update(text_output('\n'.join(self.rows)), raw=True)
-    def begin_epoch(self): self.start, self.sums, self.counts = time.perf_counter(), {True: 0., False: 0.}, {True: 0, False: 0}
-    def after_loss(self):   # the pass's loss weighted by batch size, summed on the device
-        self.sums[self.in_train] = self.sums[self.in_train] + self.loss.detach() * self.xb.shape[0]
-        self.counts[self.in_train] += self.xb.shape[0]
-    def mean_loss(self, in_train): return float(self.sums[in_train]) / self.counts[in_train] if self.counts[in_train] else math.nan
-    def new_bar(self):
-        desc = f"epoch {self.epoch} {'train' if self.in_train else 'valid'}"
-        if self.shown == 'text':   # no wider than the table, so that a row overwrites the erased bar completely
-            return tqdm(total=self.iters, desc=desc, leave=False, file=self.file, **{'ncols': len(self.rows[0]), **self.tqdm_kwargs})
-        bar = notebook_tqdm(total=self.iters, desc=desc, leave=False, display=False, **self.tqdm_kwargs)
-        self.bar_area.update(bar.container)
-        return bar
-    def after_batch(self):
-        if self.shown == 'off': return
-        if self.bar is None: self.bar, self.refreshed = self.new_bar(), time.perf_counter()
-        if time.perf_counter() - self.refreshed >= self.refresh_secs:   # the only read of the loss, throttled
-            self.bar.set_postfix_str(f'loss {self.mean_loss(self.in_train):.4f}', refresh=False)
-            self.refreshed = time.perf_counter()
-        self.bar.update(1)
-    def close_bar(self):
-        if self.bar is not None:
-            self.bar.close()
-            if self.shown == 'notebook':   # the saved notebook keeps no widget: empty the display, close the widgets
-                self.bar_area.update(text_output(''), raw=True)
-                for w in [*self.bar.container.children, self.bar.container]: w.close()
-        self.bar = None
-    def begin_validate(self): self.close_bar()
-    def after_epoch(self):
-        self.close_bar()
-        if self.shown == 'off': return
-        mets = self.stats.valid_stats.avg_stats[1:] if self.stats is not None else []
-        losses = [f'{v:.6f}' for v in [self.mean_loss(True), self.mean_loss(False), *mets]]
-        self.write([self.epoch, *losses, format_time(time.perf_counter() - self.start)])
-    def after_fit(self):
-        self.close_bar()
-        if self.shown != 'off' and self.stats is not None: self.stats.print_stats = self.stats_printed
+        if self.in_train and not torch.isfinite(self.loss): raise CancelTrainException()
 
 from exp.nb_05a import __all__ as _nb_05a_all
 __all__ = [*_nb_05a_all, 'CancelTrainException', 'CancelEpochException', 'CancelBatchException',
            'Callback', 'TrainEvalCallback', 'Runner', 'AvgStatsCallback', 'Recorder',
-           'ParamScheduler', 'debiased_ewma', 'LR_Find', 'StopOnNanCallback', 'PROGRESS_MODES',
-           'in_notebook', 'is_tty', 'progress_mode', 'format_time', 'text_output',
-           'ProgressCallback']
+           'ParamScheduler', 'debiased_ewma', 'LR_Find', 'StopOnNanCallback']

@@ -2,6 +2,207 @@
 
 # %% nbs/05c_progress.ipynb cell 1
 from exp.nb_05b import *
+# %% nbs/05c_progress.ipynb cell 7
+import importlib.util, numbers, sys, time, warnings
+from tqdm import tqdm
+from tqdm.notebook import tqdm as notebook_tqdm
+
+PROGRESS_MODES = ('auto', 'notebook', 'text', 'off')
+
+def in_notebook():
+    "True inside a Jupyter kernel (JupyterLab, Notebook, Colab, VS Code...), where widgets can be drawn; False in a terminal."
+    shell = sys.modules['IPython'].get_ipython() if 'IPython' in sys.modules else None
+    return getattr(shell, 'kernel', None) is not None or 'IPKernelApp' in getattr(shell, 'config', {})
+
+def widgets_missing():
+    "Why widgets cannot be drawn here (a sentence's end), or None when they can."
+    if not in_notebook(): return 'there is no Jupyter kernel here to draw widgets'
+    if importlib.util.find_spec('ipywidgets') is None: return 'ipywidgets is not installed'
+
+def is_tty(stream):
+    "True if `stream` is an interactive terminal."
+    try: return bool(stream.isatty())
+    except (AttributeError, ValueError): return False
+
+def progress_mode(mode='auto', file=None):
+    "What `ProgressCallback(mode)` shows: 'notebook', 'text' or 'off' (see its docs)."
+    if mode not in PROGRESS_MODES: raise ValueError(f"progress mode must be one of {PROGRESS_MODES}, got {mode!r}")
+    stream = file or sys.stderr
+    if mode == 'auto': mode = 'notebook' if in_notebook() else 'text' if is_tty(stream) else 'off'
+    if mode == 'notebook' and widgets_missing(): mode = 'text'
+    return 'off' if mode == 'text' and stream is None else mode   # no stream at all (pythonw, a service): no bar
+
+def format_time(secs):
+    "`m:ss.s`: `format_time(5.42)` is `'0:05.4'`."
+    secs = round(secs, 1)
+    return f'{int(secs // 60)}:{secs % 60:04.1f}'
+
+def text_output(text): return {'text/plain': text}   # a display of plain text (`raw=True`)
+# %% nbs/05c_progress.ipynb cell 8
+class ProgressCallback(Callback):
+    "A bar over the batches of each pass with its mean loss, and a table row per epoch; `tqdm_kwargs` go to tqdm."
+    shown, stats, bar, said_why = 'off', None, None, False   # until begin_fit
+    def __init__(self, mode='auto', file=None, refresh_secs=0.5, **tqdm_kwargs):
+        progress_mode(mode)   # reject an unknown mode now
+        self.mode, self.file, self.refresh_secs, self.tqdm_kwargs = mode, file, refresh_secs, tqdm_kwargs
+    def begin_fit(self):
+        self.shown, self.stats = progress_mode(self.mode, self.file), getattr(self.run, 'avg_stats', None)
+        why = self.mode == 'notebook' and widgets_missing()
+        if why and not self.said_why:   # once per callback, one line
+            print(f"ProgressCallback: mode='notebook' shows text instead, as {why}", file=self.file or sys.stderr)
+            self.said_why = True
+        if self.shown == 'off': return
+        if self.stats is not None: self.stats_printed, self.stats.print_stats = self.stats.print_stats, False   # one table instead
+        metrics = [getattr(m, '__name__', 'metric') for m in (self.stats.valid_stats.metrics if self.stats else [])]
+        self.rows = []
+        if self.shown == 'notebook':   # two display areas: the table, and below it the bar of the current pass
+            from IPython.display import DisplayHandle
+            self.table, self.bar_area = DisplayHandle(), DisplayHandle()
+            self.table.display(text_output(''), raw=True); self.bar_area.display(text_output(''), raw=True)
+        self.write(['epoch', 'train_loss', 'valid_loss', *metrics, 'time'])
+    def write(self, row):
+        self.rows.append('  '.join(f'{o:>10}' for o in row))
+        if self.shown == 'text': print(self.rows[-1], file=self.file)
+        else: self.table.update(text_output('\n'.join(self.rows)), raw=True)
+    def begin_epoch(self): self.start, self.sums, self.counts = time.perf_counter(), {True: 0., False: 0.}, {True: 0, False: 0}
+    def after_loss(self):   # the pass's loss weighted by batch size, summed on the device
+        self.sums[self.in_train] = self.sums[self.in_train] + self.loss.detach() * self.xb.shape[0]
+        self.counts[self.in_train] += self.xb.shape[0]
+    def mean_loss(self, in_train): return float(self.sums[in_train]) / self.counts[in_train] if self.counts[in_train] else math.nan
+    def new_bar(self):
+        desc = f"epoch {self.epoch} {'train' if self.in_train else 'valid'}"
+        if self.shown == 'text':   # no wider than the table, so that a row overwrites the erased bar completely
+            return tqdm(total=self.iters, desc=desc, leave=False, file=self.file, **{'ncols': len(self.rows[0]), **self.tqdm_kwargs})
+        bar = notebook_tqdm(total=self.iters, desc=desc, leave=False, display=False, **self.tqdm_kwargs)
+        self.bar_area.update(bar.container)
+        return bar
+    def after_batch(self):
+        if self.shown == 'off': return
+        if self.bar is None: self.bar, self.refreshed = self.new_bar(), time.perf_counter()
+        if time.perf_counter() - self.refreshed >= self.refresh_secs:   # the only read of the loss, throttled
+            self.bar.set_postfix_str(f'loss {self.mean_loss(self.in_train):.4f}', refresh=False)
+            self.refreshed = time.perf_counter()
+        self.bar.update(1)
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            if self.shown == 'notebook':   # the saved notebook keeps no widget: empty the display, close the widgets
+                self.bar_area.update(text_output(''), raw=True)
+                for w in [*self.bar.container.children, self.bar.container]: w.close()
+        self.bar = None
+    def begin_validate(self): self.close_bar()
+    def after_epoch(self):
+        self.close_bar()
+        if self.shown == 'off': return
+        mets = self.stats.valid_stats.avg_stats[1:] if self.stats is not None else []
+        losses = [f'{v:.6f}' for v in [self.mean_loss(True), self.mean_loss(False), *mets]]
+        self.write([self.epoch, *losses, format_time(time.perf_counter() - self.start)])
+    def after_fit(self):
+        self.close_bar()
+        if self.shown != 'off' and self.stats is not None: self.stats.print_stats = self.stats_printed
+# %% nbs/05c_progress.ipynb cell 21
+class StopOnNanCallback(Callback):
+    "Stops training (`CancelTrainException`) at the first training loss that is NaN or infinite; `found_at = (epoch, iteration)`."
+    all_ok = n_ok = None   # until the first training step
+    def __init__(self, check_every=None):
+        if check_every is not None and (not isinstance(check_every, numbers.Integral) or check_every < 1):
+            raise ValueError(f"StopOnNanCallback: check_every must be None or an integer >= 1, got {check_every!r}")
+        self.check_every, self.found_at, self.epoch_start = check_every, None, 0
+    def begin_fit(self): self.found_at, self.all_ok, self.n_ok = None, None, None
+    def begin_epoch(self): self.epoch_start = self.n_iter
+    def after_loss(self):
+        if not self.in_train: return
+        finite = torch.isfinite(self.loss.detach())
+        if self.all_ok is None:  # first step: the counters live where the loss lives
+            self.all_ok, self.n_ok = finite.clone(), torch.full_like(finite, self.n_iter, dtype=torch.long)
+        else: self.all_ok &= finite
+        every = self.check_every or (1 if self.loss.device.type == 'cpu' else 100)
+        if (self.n_iter + 1) % every == 0: self.check()
+    def after_batch(self):
+        if self.in_train and self.n_ok is not None: self.n_ok += self.all_ok
+    def begin_validate(self): self.check()   # end of the training pass
+    def after_fit(self):
+        self.check(stop=False)   # a fit cancelled between two checks
+        self.all_ok = self.n_ok = None
+    def check(self, stop=True):
+        "Read the device flag (one sync); on a bad loss, report it and stop training."
+        if self.all_ok is None or self.found_at is not None or bool(self.all_ok): return
+        self.found_at = (self.epoch, int(self.n_ok))
+        print(f"StopOnNanCallback: the training loss was NaN or infinite at epoch {self.found_at[0]}, step {self.found_at[1] - self.epoch_start} "
+              f"of the epoch (step {self.found_at[1]} of the fit, both counted from 0); training stopped.")
+        if stop: raise CancelTrainException()
+# %% nbs/05c_progress.ipynb cell 29
+class Runner(Runner):
+    "05b's `Runner`, failing well: bad arguments are refused at once, and every callback's `after_fit` runs whatever fails."
+    state = ('cbs', 'learn', 'epochs', 'epoch', 'iters', 'xb', 'yb', 'pred', 'loss', 'in_train', 'n_epochs', 'n_iter')
+    def __init__(self, cbs=None, cb_funcs=None):
+        check_cb_args(listify(cbs), listify(cb_funcs), Callback)
+        super().__init__(cbs, cb_funcs)
+    def add_cb(self, cb):
+        check_cb_name(self, cb)
+        super().add_cb(cb)
+    def fit(self, epochs, learn):
+        check_epochs(epochs)
+        self.callers_error = sys.exc_info()[1]   # an error the caller is handling, not one of this fit
+        if epochs: super().fit(epochs, learn)
+    def end_fit(self):
+        "Every callback's `after_fit`, even after a failure; the fit's own error goes on, or the first `after_fit` error is raised, the later ones noted on it."
+        error = sys.exc_info()[1]   # the error the fit is failing with, if any
+        errors = [] if error is None or error is self.callers_error else [error]
+        failing = bool(errors)
+        for cb in self.cbs:
+            try: cb('after_fit')
+            except BaseException as e:
+                if errors: add_note(errors[0], f'then {type(cb).__name__}.after_fit failed too: {type(e).__name__}: {e}')
+                errors.append(e)
+        self.learn = None
+        if errors and not failing: raise errors[0]
+
+class LR_Find(LR_Find):
+    "05b's LR finder, refusing a range it cannot search and warning when the data runs out before `max_lr`."
+    def __init__(self, max_iter=100, min_lr=1e-6, max_lr=10):
+        if not isinstance(max_iter, int) or max_iter < 1: raise ValueError(f"LR_Find: max_iter must be an integer >= 1, got {max_iter!r}")
+        if not 0 < min_lr < max_lr < math.inf:
+            raise ValueError(f"LR_Find: need 0 < min_lr < max_lr < inf (finite numbers, min_lr below max_lr), got min_lr={min_lr!r}, max_lr={max_lr!r}")
+        super().__init__(max_iter, min_lr, max_lr)
+    def after_epoch(self):
+        if self.epoch == self.epochs - 1:
+            warnings.warn(f"LR_Find: the data ran out after {len(self.losses)} of {self.max_iter + 1} steps; fit more epochs to reach max_lr")
+
+class ParamScheduler(ParamScheduler):
+    "05b's scheduler, refusing a list of schedules of the wrong length and a hyper-parameter the optimizer does not have."
+    def begin_fit(self):
+        super().begin_fit()
+        n = len(self.opt.param_groups)
+        if len(self.funcs) != n: raise ValueError(f"ParamScheduler({self.pname!r}): {len(self.funcs)} schedules for {n} parameter groups")
+        check_hyper_param(self.opt, self.pname)
+# %% nbs/05c_progress.ipynb cell 35
+def lr_find_figure(lrf, skip_last=0, beta=None):
+    "The LR finder's curve in a figure of its own, its loss smoothed with `beta` (by default the finder's own)."
+    saved, lrf.smooth_beta = lrf.smooth_beta, lrf.smooth_beta if beta is None else beta
+    fig = plt.figure(figsize=(6, 4))
+    try: lrf.plot(skip_last)
+    finally: lrf.smooth_beta = saved
+    plt.close(fig)   # shown where it is displayed, not again at the end of the cell
+    return fig
+
+def explore_lr_find(lrf, skip_last=5):
+    "Sliders for `skip_last` and the smoothing over `lrf`'s curve; the plain figure where widgets cannot be drawn."
+    from IPython.display import display, DisplayHandle
+    if widgets_missing(): return display(lr_find_figure(lrf, skip_last)) if in_notebook() else lrf.plot(skip_last)
+    import ipywidgets
+    sliders = ipywidgets.interactive(lambda skip_last, beta: display(lr_find_figure(lrf, skip_last, beta)),
+        skip_last=ipywidgets.IntSlider(skip_last, 0, max(len(lrf.losses) - 2, 0), description='skip_last'),
+        beta=ipywidgets.FloatSlider(lrf.smooth_beta, 0., 0.99, 0.01, description='smoothing'))
+    handle, shell = DisplayHandle(), sys.modules['IPython'].get_ipython()
+    handle.display(sliders)
+    def freeze(*info):   # when the next cell runs, the figure replaces the sliders: a saved notebook keeps an image
+        shell.events.unregister('pre_run_cell', freeze)
+        handle.update(lr_find_figure(lrf, **sliders.kwargs))
+        for w in [*sliders.children, sliders]: w.close()
+    shell.events.register('pre_run_cell', freeze)
 
 from exp.nb_05b import __all__ as _nb_05b_all
-__all__ = [*_nb_05b_all]
+__all__ = [*_nb_05b_all, 'PROGRESS_MODES', 'in_notebook', 'widgets_missing', 'is_tty',
+           'progress_mode', 'format_time', 'text_output', 'ProgressCallback', 'StopOnNanCallback',
+           'Runner', 'LR_Find', 'ParamScheduler', 'lr_find_figure', 'explore_lr_find']
