@@ -8,7 +8,8 @@ Each ratio is the median over `--repeats` alternating runs of ours and the refer
 machine slows both sides alike. Sections register themselves in SECTIONS; `--only` takes their short
 names (ALIASES). With `--threads 1,2` every section runs once per torch thread count, its rows prefixed
 with it. On a CUDA GPU the RunningBatchNorm rows are measured there too (synchronised around each
-timing), with the number of host-device synchronisations per training step.
+timing), with the number of host-device synchronisations per training step. Every name of the library comes
+from exp.nb_07b, the last module, so each figure is of the version a student ends with.
 """
 import argparse, os, platform, statistics, sys, time
 from functools import partial
@@ -41,7 +42,7 @@ def compare(ours, reference, repeats):
 @section
 def dataloader(repeats):
     "An epoch of pure loading (50,000 MNIST-shaped items) against indexing the tensors directly."
-    from exp.nb_05 import DataLoader, Dataset, Sampler
+    from exp.nb_07b import DataLoader, Dataset, Sampler
     x, y = torch.rand(50_000, 784), torch.randint(0, 10, (50_000,))
     ds = Dataset(x, y)
     rows = []
@@ -65,8 +66,8 @@ def dataloader(repeats):
 @section
 def telemetry(repeats):
     "An epoch of the lesson's CNN (10,000 MNIST-shaped items) with the activation-statistics callback against without."
-    from exp.nb_06 import (ActivationStatsCallback, DataBunch, Dataset, DeviceCallback, BatchTransformXCallback,
-                           conv_layer, get_dls, get_learn_run, mnist_view)
+    from exp.nb_07b import (ActivationStatsCallback, DataBunch, Dataset, DeviceCallback, BatchTransformXCallback,
+                            conv_layer, get_dls, get_learn_run, mnist_view)
     x, y = torch.randn(12_000, 784), torch.randint(0, 10, (12_000,))
     rows = []
     batch_sizes = (32, 512) if not torch.cuda.is_available() else (32, 512, 2048)
@@ -75,7 +76,7 @@ def telemetry(repeats):
         def epoch(with_telemetry):
             cbs = [DeviceCallback, partial(BatchTransformXCallback, mnist_view)]
             if with_telemetry: cbs.append(ActivationStatsCallback)
-            learn, run = get_learn_run([8, 16, 32, 32], data, 0.4, conv_layer, cbs=cbs, leak=0.1, sub=0.4, maxv=6.)
+            learn, run = get_learn_run([8, 16, 32, 32], data, 0.4, conv_layer, cbs=cbs, bn=False, leak=0.1, sub=0.4, maxv=6.)
             def fit():
                 run.fit(1, learn)
                 if torch.cuda.is_available(): torch.cuda.synchronize()
@@ -85,28 +86,30 @@ def telemetry(repeats):
 
 # --- the Runner with its usual callbacks against a hand-written PyTorch loop -----------------------
 
+RUNNER_SIZES = ((2, 2_000), (32, 10_000), (512, 10_000))  # batch size, training items (a fifth as many to validate)
+
 @section
 def runner(repeats):
-    "An epoch (10,000 MNIST-shaped items, then 2,000 to validate) of the lesson's CNN: our Runner with its usual callbacks against a hand-written loop."
+    "An epoch of the lesson's CNN (10,000 MNIST-shaped items, then 2,000 to validate; at bs=2, 2,000 then 400): our Runner with its usual callbacks against a hand-written loop."
     import copy, io
     from contextlib import redirect_stdout
     import torch.nn.functional as F
     from torch import optim
-    from exp.nb_06 import (AvgStatsCallback, BatchTransformXCallback, DataBunch, Dataset, DeviceCallback, Learner,
-                           ParamScheduler, Recorder, Runner, accuracy, combine_scheds, conv_layer, get_cnn_model,
-                           get_dls, init_cnn, sched_cos, view_tfm)
+    from exp.nb_07b import (AvgStatsCallback, BatchTransformXCallback, DataBunch, Dataset, DeviceCallback, Learner,
+                            ParamScheduler, Recorder, Runner, accuracy, combine_scheds, conv_layer, get_cnn_model,
+                            get_dls, init_cnn, sched_cos, view_tfm)
     g = torch.Generator().manual_seed(0)
-    n_train, n_valid = 10_000, 2_000
-    x, y = torch.rand(n_train + n_valid, 784, generator=g), torch.randint(0, 10, (n_train + n_valid,), generator=g)
-    x_train, y_train, x_valid, y_valid = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    x, y = torch.rand(12_000, 784, generator=g), torch.randint(0, 10, (12_000,), generator=g)
     sched = combine_scheds([0.3, 0.7], [sched_cos(0.3, 0.6), sched_cos(0.6, 0.2)])
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     def sync():
         if device.type == 'cuda': torch.cuda.synchronize()
     rows = []
-    for bs in (32, 512):
+    for bs, n_train in RUNNER_SIZES:  # bs=2: the Runner's dispatch of every event at every tiny step
+        n_valid = n_train // 5
+        x_train, y_train, x_valid, y_valid = x[:n_train], y[:n_train], x[10_000:10_000 + n_valid], y[10_000:10_000 + n_valid]
         data = DataBunch(*get_dls(Dataset(x_train, y_train), Dataset(x_valid, y_valid), bs), c=10)
-        model = get_cnn_model(data, [8, 16, 32, 32], conv_layer)
+        model = get_cnn_model(data, [8, 16, 32, 32], conv_layer, bn=False)
         init_cnn(model)
         init = copy.deepcopy(model.state_dict())
         def start():
@@ -156,7 +159,8 @@ def runner(repeats):
         a, b = ours(), reference()  # the same computation, or the comparison means nothing
         if not torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-3, atol=1e-4):
             raise AssertionError(f'runner: ours and the reference differ at bs={bs}: valid [loss, accuracy] {a} != {b}')
-        rows.append((f'epoch of the CNN, Runner + 5 callbacks / hand-written loop, bs={bs}', *compare(ours, reference, repeats)))
+        items = '' if n_train == 10_000 else f' ({n_train:,} items)'
+        rows.append((f'epoch of the CNN, Runner + 5 callbacks / hand-written loop, bs={bs}{items}', *compare(ours, reference, repeats)))
     return rows
 
 # --- the whole sequence in quick mode (run_notebooks.py --quick) ---------------------------------
@@ -227,14 +231,13 @@ class LessonRunningBatchNorm(torch.nn.Module):
         x = (x - means).div_((vars.add_(self.eps)).sqrt())
         return x.mul_(self.mults).add_(self.adds)
 
-def norm_cnn(norm, nfs=(8, 16, 32, 32)):
-    "The lesson's CNN for MNIST: (conv without bias, `norm`, ReLU) four times, then pool and a linear layer."
-    layers, ni = [], 1
-    for i, nf in enumerate(nfs):
-        ks = 5 if i == 0 else 3
-        layers += [torch.nn.Conv2d(ni, nf, ks, 2, ks // 2, bias=False), norm(nf), torch.nn.ReLU()]
-        ni = nf
-    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(ni, 10))
+NFS = [8, 16, 32, 64, 64]  # notebook 07's network, the lesson's: the last convolution sees 1x1 pixels
+
+def norm_cnn(norm, nfs=NFS):
+    "Notebook 07's CNN for MNIST: `get_cnn_model` with its conv_layer (convolution, ReLU, then `norm`), filters `nfs`."
+    from types import SimpleNamespace
+    from exp.nb_07b import conv_layer, get_cnn_model
+    return get_cnn_model(SimpleNamespace(c=10), nfs, conv_layer, norm=norm)
 
 def cnn_steps(model, bs, n, device='cpu'):
     "A function running `n` training steps (forward, backward, SGD) of `model` on one random MNIST-shaped batch."
@@ -288,8 +291,8 @@ STEPS = ((2, 100), (32, 30), (512, 3))  # batch size, training steps per timed r
 
 @section
 def running_batchnorm(repeats):
-    "Training steps (forward, backward, SGD) of the lesson's CNN on MNIST-shaped batches: each RunningBatchNorm against nn.BatchNorm2d."
-    from exp.nb_07 import FastRunningBatchNorm, RunningBatchNorm
+    "Training steps (forward, backward, SGD) of notebook 07's CNN (8-16-32-64-64) on MNIST-shaped batches: each RunningBatchNorm against nn.BatchNorm2d."
+    from exp.nb_07b import FastRunningBatchNorm, RunningBatchNorm
     norms = {'RunningBatchNorm': RunningBatchNorm, 'FastRunningBatchNorm': FastRunningBatchNorm,
              "the lesson's RunningBatchNorm": LessonRunningBatchNorm}
     rows = []
@@ -300,7 +303,7 @@ def running_batchnorm(repeats):
             for name, norm in norms.items():
                 row = compare(cnn_steps(seeded(norm, device), bs, n, device),
                               cnn_steps(seeded(torch.nn.BatchNorm2d, device), bs, n, device), repeats)
-                rows.append((f'training step of the CNN{on}, bs={bs}: {name} / nn.BatchNorm2d', *per_step(row, n)))
+                rows.append((f"training step of 07's CNN{on}, bs={bs}: {name} / nn.BatchNorm2d", *per_step(row, n)))
             if device == 'cuda':
                 for name, norm in {**norms, 'nn.BatchNorm2d': torch.nn.BatchNorm2d}.items():
                     rows.append((f'host-device syncs per training step on CUDA, bs={bs}: {name}',
@@ -314,9 +317,9 @@ def compile_backend():
 
 @section
 def compiled_rbn(repeats):
-    "Training steps of the CNN with RunningBatchNorm compiled by torch.compile, against eager and against a compiled nn.BatchNorm2d."
+    "Training steps of notebook 07's CNN with RunningBatchNorm compiled by torch.compile, against eager and against a compiled nn.BatchNorm2d."
     import torch._dynamo
-    from exp.nb_07 import RunningBatchNorm
+    from exp.nb_07b import RunningBatchNorm
     backend = os.environ.get('BENCH_COMPILE_BACKEND') or compile_backend()
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     rows = []
@@ -328,9 +331,9 @@ def compiled_rbn(repeats):
         if not torch.allclose(eager(x), compiled(x), rtol=1e-4, atol=1e-5):  # one training-mode step each
             raise AssertionError(f'compiled_rbn: the compiled model and the eager one differ at bs={bs}')
         ours = cnn_steps(compiled, bs, n, device)
-        rows.append((f'training step of the CNN, bs={bs}: RunningBatchNorm compiled ({backend}) / eager',
+        rows.append((f"training step of 07's CNN, bs={bs}: RunningBatchNorm compiled ({backend}) / eager",
                      *per_step(compare(ours, cnn_steps(eager, bs, n, device), repeats), n)))
-        rows.append((f'training step of the CNN, bs={bs}: RunningBatchNorm compiled / nn.BatchNorm2d compiled ({backend})',
+        rows.append((f"training step of 07's CNN, bs={bs}: RunningBatchNorm compiled / nn.BatchNorm2d compiled ({backend})",
                      *per_step(compare(ours, cnn_steps(compiled_bn, bs, n, device), repeats), n)))
     return rows
 

@@ -1,6 +1,6 @@
 """How many torch threads small and large batches want, on an idle machine and on a busy one.
 
-    python benchmarks/threads.py                 # the lesson's CNN (07), batch sizes 2, 32 and 512
+    python benchmarks/threads.py                 # notebook 07's CNN (8-16-32-64-64), batch sizes 2, 32 and 512
     python benchmarks/threads.py --busy 2        # the same while 2 busy-looping processes compete for the cores
 
 Each figure is the median time of one training step (forward, backward, SGD step) of notebook 07's CNN with
@@ -24,10 +24,10 @@ def step_timer(bs, n_steps):
     "A function timing `n_steps` training steps of 07's CNN at batch size `bs`, in seconds per step."
     import torch
     import torch.nn.functional as F
-    from exp.nb_07 import RunningBatchNorm, conv_layer, get_cnn_model, optim
+    from exp.nb_07b import RunningBatchNorm, conv_layer, get_cnn_model, optim
     class Data: c = 10
     torch.manual_seed(0)
-    model = get_cnn_model(Data, [8, 16, 32, 32], conv_layer, norm=RunningBatchNorm)
+    model = get_cnn_model(Data, [8, 16, 32, 64, 64], conv_layer, norm=RunningBatchNorm)  # 07's network
     opt = optim.SGD(model.parameters(), lr=0.1)
     xb, yb = torch.randn(bs, 1, 28, 28), torch.randint(0, 10, (bs,))
     def timed():

@@ -22,7 +22,7 @@ def test_sections_print_one_row_per_figure(capsys):
     assert len(rows) == 6 + 9  # 3 batch sizes x (in order, shuffled); 3 batch sizes x 3 comparisons
     names = [r.group(1) for r in rows]
     assert names[:2] == ['DataLoader in order, bs=2 / slicing', 'DataLoader shuffled, bs=2 / indexing by randperm']
-    assert names[6:9] == [f'training step of the CNN, bs=2: {n} / nn.BatchNorm2d' for n in
+    assert names[6:9] == [f"training step of 07's CNN, bs=2: {n} / nn.BatchNorm2d" for n in
                           ('RunningBatchNorm', 'FastRunningBatchNorm', "the lesson's RunningBatchNorm")]
     assert all(float(r.group(4)) > 0 for r in rows)
 
@@ -48,8 +48,34 @@ def test_compiled_rows_compare_with_eager_and_with_compiled_batchnorm(monkeypatc
     bench.main(['--only', 'compile', '--repeats', '1'])
     rows = [ROW.match(l) for l in capsys.readouterr().out.splitlines()[3:]]
     assert all(rows) and [r.group(1) for r in rows] == [
-        'training step of the CNN, bs=2: RunningBatchNorm compiled (eager) / eager',
-        'training step of the CNN, bs=2: RunningBatchNorm compiled / nn.BatchNorm2d compiled (eager)']
+        "training step of 07's CNN, bs=2: RunningBatchNorm compiled (eager) / eager",
+        "training step of 07's CNN, bs=2: RunningBatchNorm compiled / nn.BatchNorm2d compiled (eager)"]
+
+
+def test_the_runner_section_has_a_batch_size_2_row(monkeypatch, capsys):
+    monkeypatch.setattr(bench, 'RUNNER_SIZES', ((2, 60), (32, 10_000)))
+    monkeypatch.setattr(bench, 'compare', lambda ours, reference, repeats: (1.0, 1.0, 1.0))  # ours == reference is checked first
+    bench.main(['--only', 'runner', '--repeats', '1'])
+    rows = [ROW.match(l) for l in capsys.readouterr().out.splitlines()[3:]]
+    assert all(rows) and [r.group(1) for r in rows] == [
+        'epoch of the CNN, Runner + 5 callbacks / hand-written loop, bs=2 (60 items)',
+        'epoch of the CNN, Runner + 5 callbacks / hand-written loop, bs=32']
+
+
+def test_the_running_batchnorm_rows_train_notebook_07s_network():
+    shapes = []
+    model = bench.norm_cnn(torch.nn.BatchNorm2d)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d): m.register_forward_hook(lambda mod, i, out: shapes.append(tuple(out.shape[1:])))
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert shapes == [(8, 14, 14), (16, 7, 7), (32, 4, 4), (64, 2, 2), (64, 1, 1)]  # the last sees 1x1 pixels
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 5
+
+
+def test_library_names_come_from_the_last_module():
+    import re as regex
+    source = (Path(bench.__file__)).read_text()
+    assert set(regex.findall(r'from (exp\.nb_\w+) import', source)) == {'exp.nb_07b'}
 
 
 @pytest.mark.parametrize('argv, message', [(['nonsense'], 'unknown section(s) nonsense'),
