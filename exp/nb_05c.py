@@ -192,8 +192,8 @@ def explore_lr_find(lrf, skip_last=5):
     if widgets_missing(): return display(lr_find_figure(lrf, skip_last)) if in_notebook() else lrf.plot(skip_last)
     import ipywidgets
     sliders = ipywidgets.interactive(lambda skip_last, beta: display(lr_find_figure(lrf, skip_last, beta)),
-        skip_last=ipywidgets.IntSlider(skip_last, 0, max(len(lrf.losses) - 2, 0), description='skip_last'),
-        beta=ipywidgets.FloatSlider(lrf.smooth_beta, 0., 0.99, 0.01, description='smoothing'))
+        skip_last=ipywidgets.IntSlider(value=skip_last, min=0, max=max(len(lrf.losses) - 2, 0), description='skip_last'),
+        beta=ipywidgets.FloatSlider(value=lrf.smooth_beta, min=0., max=0.99, step=0.01, description='smoothing'))
     handle, shell = DisplayHandle(), sys.modules['IPython'].get_ipython()
     handle.display(sliders)
     def freeze(*info):   # when the next cell runs, the figure replaces the sliders: a saved notebook keeps an image

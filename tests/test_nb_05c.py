@@ -409,3 +409,119 @@ def test_progress_notebook_mode_saves_no_widget(tmp_path):
     nbconvert = pytest.importorskip('nbconvert')
     html, _ = nbconvert.HTMLExporter().from_notebook_node(nb)
     assert 'train_loss' in html and '0%|' not in html and 'widget-view' not in html
+
+
+# --- 05c's classes under 05b's names -----------------------------------------------------------------
+
+def test_05c_redefines_the_engineered_classes_under_the_same_names():
+    for cls in (ProgressCallback, StopOnNanCallback):
+        assert cls.__mro__[1:] == (Callback, object), cls
+    for cls, lesson in ((Runner, nb_05b.Runner), (LR_Find, nb_05b.LR_Find), (ParamScheduler, nb_05b.ParamScheduler)):
+        assert cls is not lesson and cls.__mro__[1] is lesson and cls.__name__ == lesson.__name__
+    run = Runner(cb_funcs=[LR_Find, StopOnNanCallback, partial(ProgressCallback, mode='off'),
+                           partial(ParamScheduler, 'lr', sched_lin(0.1, 0.2))])
+    assert isinstance(run.progress, ProgressCallback) and isinstance(run.stop_on_nan, StopOnNanCallback)
+    assert isinstance(run.lr_find, LR_Find) and isinstance(run.param_scheduler, ParamScheduler)
+
+
+def test_an_error_the_caller_is_handling_is_not_taken_for_the_fits():
+    class BadCleanup(Callback):
+        def after_fit(self): raise KeyError('cleanup')
+    try: raise OSError('handled by the caller')
+    except OSError:
+        with pytest.raises(KeyError, match='cleanup'): Runner(cb_funcs=BadCleanup).fit(1, toy_learner())
+        Runner().fit(1, toy_learner())   # and a fit that succeeds raises nothing
+
+
+# --- in_notebook: a kernel, whatever the shell's class is called (Colab) --------------------------
+
+class ColabShell:
+    "Stands in for Colab's shell: another class name than ipykernel's, and a kernel."
+    kernel, config = object(), {}
+
+class TerminalShell:
+    "Stands in for a terminal IPython: no kernel."
+    config = {'TerminalIPythonApp': {}}
+
+class KernelAppShell:
+    "A shell whose kernel shows only in the configuration the kernel app gave it."
+    config = {'IPKernelApp': {'connection_file': 'kernel-1.json'}}
+
+
+@pytest.mark.parametrize('shell,expected', [(ColabShell(), True), (KernelAppShell(), True), (TerminalShell(), False), (None, False)])
+def test_in_notebook_detects_a_kernel_not_a_class_name(shell, expected, monkeypatch):
+    IPython = pytest.importorskip('IPython')
+    monkeypatch.setattr(IPython, 'get_ipython', lambda: shell)
+    assert nb_05c.in_notebook() is expected
+    if expected: assert progress_mode('auto') == 'notebook'
+
+
+# --- ProgressCallback where its mode cannot work -----------------------------------------------------
+
+def test_progress_notebook_mode_outside_jupyter_falls_back_to_text_once(capsys):
+    assert not nb_05c.in_notebook()
+    buf = io.StringIO()
+    run = Runner(cb_funcs=[partial(AvgStatsCallback, accuracy), partial(ProgressCallback, mode='notebook', file=buf)])
+    run.fit(2, toy_learner())
+    run.fit(1, toy_learner())
+    out = buf.getvalue()
+    assert "text/plain" not in out and "text/plain" not in capsys.readouterr().out   # no display dicts printed
+    said = [l for l in out.split('\n') if l.startswith('ProgressCallback:')]
+    assert len(said) == 1 and 'text' in said[0] and 'Jupyter kernel' in said[0]      # once, saying why
+    rows = [l.split('\r')[-1].split() for l in out.split('\n')]
+    assert [r[0] for r in rows if r and r[0].isdigit()] == ['0', '1', '0']            # the table, as text
+
+
+def test_progress_text_without_stderr_shows_nothing_and_does_not_fail(monkeypatch, capsys):
+    monkeypatch.setattr(sys, 'stderr', None)   # pythonw, a service
+    assert progress_mode('text') == 'off' and progress_mode('auto') == 'off'
+    run = Runner(cb_funcs=[partial(AvgStatsCallback, accuracy), partial(ProgressCallback, mode='text')])
+    run.fit(2, toy_learner())
+    assert run.n_iter == 6 and capsys.readouterr().out.count('valid:') == 2   # AvgStatsCallback prints as usual
+    assert progress_mode('text', io.StringIO()) == 'text'                     # a stream given explicitly still works
+
+
+# --- explore_lr_find -----------------------------------------------------------------------------
+
+def lr_find_run():
+    run = Runner(cb_funcs=partial(LR_Find, max_iter=8))
+    run.fit(3, toy_learner())
+    return run.lr_find
+
+
+def test_lr_find_figure_and_explore_outside_a_kernel_draw_the_curve():
+    lrf = lr_find_run()
+    fig = nb_05c.lr_find_figure(lrf, skip_last=2, beta=0.5)
+    lines = fig.axes[0].get_lines()
+    assert list(lines[0].get_xdata()) == pytest.approx(lrf.lrs[:-2]) and lrf.smooth_beta == 0.9   # beta put back
+    assert list(lines[1].get_ydata()) == pytest.approx(nb_05b.debiased_ewma(lrf.losses, 0.5)[:-2])
+    plt.close('all')
+    assert nb_05c.explore_lr_find(lrf, skip_last=1) is None   # no kernel here: the curve, on the current figure
+    assert list(plt.gca().get_lines()[0].get_xdata()) == pytest.approx(lrf.lrs[:-1])
+    plt.close('all')
+
+
+NOTEBOOK_EXPLORE = ["""
+from functools import partial
+from exp.nb_05c import *
+torch.manual_seed(0)
+x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+data = DataBunch(*get_dls(Dataset(x, y), Dataset(x, y), 4), 3)
+model = nn.Sequential(nn.Linear(4, 3))
+run = Runner(cb_funcs=partial(LR_Find, max_iter=20))
+run.fit(2, Learner(model, optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, data))
+explore_lr_find(run.lr_find)
+""", "print('next cell')"]
+
+
+def test_explore_lr_find_leaves_an_image_in_the_saved_notebook(tmp_path):
+    nbformat, nbclient = pytest.importorskip('nbformat'), pytest.importorskip('nbclient')
+    pytest.importorskip('ipywidgets'); pytest.importorskip('ipykernel')
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in NOTEBOOK_EXPLORE])
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}})
+    client.execute()
+    outputs = nb.cells[0].outputs
+    assert [o.output_type for o in outputs] == ['display_data'], outputs
+    assert 'image/png' in outputs[0].data and 'application/vnd.jupyter.widget-view+json' not in outputs[0].data
+    nb.metadata.pop('widgets', None)   # as run_notebooks.py saves it
+    assert 'widget-view' not in nbformat.writes(nb)
