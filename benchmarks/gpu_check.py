@@ -21,6 +21,7 @@ import argparse, os, re, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]  # exp/ and bench.py
 BUDGET = 8 * 60  # seconds all parts together should take on one modern GPU
 CUDA_REASON = re.compile(r'\b(cuda|gpus?)\b', re.IGNORECASE)
 TIMEOUTS = {'tests': 150, 'notebooks': 240, 'ddp': 120}  # seconds; the epochs take well under a minute
@@ -84,6 +85,14 @@ def need_cuda():
     if not cuda_available(): raise Skip('no CUDA GPU (torch.cuda.is_available() is False)')
 
 
+def need_mnist():
+    "Skip unless MNIST is on this machine (EXP_DATA_DIR, or get_data's cache): a download may hang for minutes."
+    from exp.nb_00 import TRAIN_IMAGES, TRAIN_LABELS, _cache_dir
+    folder = Path(os.environ['EXP_DATA_DIR']).expanduser() if os.environ.get('EXP_DATA_DIR') else _cache_dir()
+    if not all((folder / 'mnist' / f'{f}.gz').is_file() for f in (TRAIN_IMAGES, TRAIN_LABELS)):
+        raise Skip(f'no MNIST in {folder / "mnist"}: set EXP_DATA_DIR to the folder holding mnist/')
+
+
 # --- the parts: each returns rows (what, result, seconds or None, details) --------------------------
 
 def tests_command(paths, *extra):
@@ -103,7 +112,7 @@ def part_tests(args, logs):
 
 def part_notebooks(args, logs):
     "Every notebook in quick mode on the GPU, saved in a temporary folder."
-    need_cuda()
+    need_cuda(); need_mnist()
     start = time.perf_counter()
     status, output = run_command([sys.executable, str(ROOT / 'notebook2script.py'), '--check'], 60, logs / 'export-check.log')
     if status: return [('notebooks in quick mode', 'FAILED', None, f'exp/ is out of date with the notebooks ({last_line(output)}): '
@@ -155,7 +164,6 @@ def part_epoch(args, logs):
     "An epoch of 07's CNN with nn.BatchNorm2d and with RunningBatchNorm at batch sizes 32 and 512, and the syncs."
     need_cuda()
     import torch
-    sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / 'benchmarks'))
     from bench import syncs_per_step
     from exp.nb_07b import RunningBatchNorm
     rows = []
@@ -174,7 +182,7 @@ def part_epoch(args, logs):
 
 def part_ddp(args, logs):
     "07b's training script on every local GPU, one process each, with NCCL."
-    need_cuda()
+    need_cuda(); need_mnist()
     import torch.distributed as dist
     if not dist.is_available() or not dist.is_nccl_available(): raise Skip('this PyTorch has no NCCL')
     n = gpu_count()

@@ -61,6 +61,7 @@ def test_on_a_cuda_machine_each_part_runs_its_command(monkeypatch, capsys):
         return 0, '  00_data   3.0s  ok\n  07b_distributed   9.5s  ok\nlast line of the output\n'
     monkeypatch.setattr(gc, 'cuda_available', lambda: True)
     monkeypatch.setattr(gc, 'gpu_count', lambda: 2)
+    monkeypatch.setattr(gc, 'need_mnist', lambda: None)
     monkeypatch.setattr(gc, 'run_command', run_command)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'Fake GPU')
     monkeypatch.setattr(dist, 'is_nccl_available', lambda: True)
@@ -91,3 +92,38 @@ def test_a_failing_part_is_a_row_and_the_exit_status_is_1(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[3].startswith('| CUDA-only tests | FAILED | ') and out[3].endswith(' | 3 passed, 1 failed in 2.0s |')
     assert out[4] == "| epochs of 07's CNN | FAILED | - | ZeroDivisionError: division by zero |"
+
+
+def test_without_local_mnist_the_notebooks_and_ddp_parts_are_skipped_not_downloaded(monkeypatch, capsys, tmp_path):
+    import torch
+    monkeypatch.setenv('EXP_DATA_DIR', str(tmp_path))
+    monkeypatch.setattr(gc, 'cuda_available', lambda: True)
+    monkeypatch.setattr(gc, 'gpu_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a: 'Fake GPU')
+    monkeypatch.setattr(gc, 'run_command', lambda *a: pytest.fail('nothing should run'))
+    assert gc.main(['--parts', 'notebooks,ddp']) == 0
+    out = capsys.readouterr().out.splitlines()
+    why = f'no MNIST in {tmp_path / "mnist"}: set EXP_DATA_DIR to the folder holding mnist/'
+    assert out[3:5] == [f'| notebooks in quick mode | skipped | - | {why} |', f'| 07b with NCCL on every GPU | skipped | - | {why} |']
+
+
+def test_the_epoch_part_times_both_norms_at_both_batch_sizes(monkeypatch, capsys):
+    "The GPU path run on the CPU: synchronisation and the sync count faked, 640 random images."
+    import torch
+    import bench
+    from exp.nb_07b import DataBunch, Dataset, get_dls
+    g = torch.Generator().manual_seed(0)
+    ds = Dataset(torch.randn(640, 784, generator=g), torch.randint(0, 10, (640,), generator=g))
+    monkeypatch.setattr(gc, 'mnist_data', lambda bs: (DataBunch(*get_dls(ds, ds, bs), c=10), 'random images'))
+    monkeypatch.setattr(gc, 'cuda_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda *a: None)
+    models = []
+    monkeypatch.setattr(bench, 'syncs_per_step', lambda model, bs: models.append(model) or 0)
+    rows = gc.part_epoch(None, None)
+    assert [what for what, *_ in rows] == [f"epoch of 07's CNN, bs={bs}: {norm}" for bs in (512, 32)
+                                           for norm in ('nn.BatchNorm2d', 'RunningBatchNorm')]
+    assert all(result == 'ok' and seconds > 0 for _, result, seconds, _ in rows)
+    assert rows[1][3].startswith('2 steps of random images, ') and 'x nn.BatchNorm2d; 0 host-device syncs' in rows[1][3]
+    convs = [m for m in models[0].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16, 32, 64, 64]
+    assert type(models[1][0][2]).__name__ == 'RunningBatchNorm'
