@@ -11,6 +11,7 @@ Each process trains on its own GPU (LOCAL_RANK) with NCCL where there is CUDA, e
 prints and saves. Copy this file and change `train` to train your own model; see notebook 07b.
 """
 import argparse
+import tempfile
 
 from exp.nb_07b import *
 
@@ -29,7 +30,7 @@ def train(args):
     if is_main():
         print(f'{get_world_size()} process(es) x batches of {args.bs}, {len(x_train)} training images, {args.epochs} '
               f'epoch(s): validation accuracy {run.avg_stats.valid_stats.avg_stats[1]:.4f}')
-    if args.save: save_model(learn.model, args.save)   # rank 0 writes, every rank waits for it
+    if args.save: save_model(learn.model, args.save)   # rank 0 writes (a whole file or none), every rank waits for it
 
 
 def parse_args(argv=None):
@@ -42,7 +43,18 @@ def parse_args(argv=None):
     p.add_argument('--save', default='', help='save the trained weights to this file')
     p.add_argument('--timeout', type=float, default=DEFAULT_TIMEOUT,
                    help=f'seconds a process waits for the others before it fails (default {DEFAULT_TIMEOUT})')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.save and int(os.environ.get('RANK', 0)) == 0: check_save_path(p, args.save)   # before, not after, training
+    return args
+
+
+def check_save_path(parser, path):
+    "Stop with a usage error if rank 0 could not write the weights to `path`: a folder that is missing or not writable."
+    path = Path(path)
+    if path.is_dir(): parser.error(f'--save {path}: that is a folder; give a file name, such as {path / "weights.pt"}')
+    if not path.parent.is_dir(): parser.error(f'--save {path}: no such folder {path.parent}; create it first')
+    try: tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e: parser.error(f'--save {path}: cannot write in {path.parent} ({e.strerror})')
 
 
 if __name__ == '__main__':

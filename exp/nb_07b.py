@@ -2,7 +2,9 @@
 
 # %% nbs/07b_distributed.ipynb cell 1
 from exp.nb_07a import *
-import contextlib, datetime, io, logging, sys, tempfile, time, traceback, warnings
+import contextlib, datetime, importlib, inspect, io, logging, multiprocessing.connection, shutil, signal, sys, tempfile, threading, time, traceback, warnings
+from dataclasses import dataclass
+from typing import NamedTuple
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -17,8 +19,9 @@ def dist_backend(local_world_size=1):
     return 'nccl' if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size else 'gloo'
 
 def local_device(rank=None):
-    "This process's device: its own GPU (`LOCAL_RANK`, else its rank, modulo the GPUs) where there is CUDA, else the CPU."
-    if not torch.cuda.is_available(): return torch.device('cpu')
+    "This process's device: `default_device()`, and where that is CUDA, its own GPU (`LOCAL_RANK`, else its rank, modulo the GPUs)."
+    device = default_device()
+    if device.type != 'cuda': return device
     rank = int(os.environ.get('LOCAL_RANK', get_rank() if rank is None else rank))
     return torch.device('cuda', rank % torch.cuda.device_count())
 
@@ -37,74 +40,11 @@ def init_distributed(rank=None, world_size=None, init_method='env://', timeout=D
     dist.init_process_group(backend, init_method=init_method, timeout=datetime.timedelta(seconds=timeout),
                             rank=-1 if rank is None else rank, world_size=-1 if world_size is None else world_size)
     return True
-
-class RankTimeoutError(TimeoutError): "A rank waited for the others longer than the process group's timeout."
-
-def run_in_group(fn, args=(), timeout=DEFAULT_TIMEOUT):
-    """`fn(*args)` in the process group (if any), naming the timeout if the other ranks stop answering; leave the group
-    after a success. After a failure the process should end at once: leaving the group would wait for the others."""
-    try: res = fn(*args)
-    except RuntimeError as e:   # gloo: 'Timed out waiting 3000ms for recv operation to complete'
-        if 'timed out' not in str(e).lower(): raise
-        why = str(e).splitlines()[0].split('] ')[-1]   # without the path of gloo's source file
-        raise RankTimeoutError(f'rank {get_rank()}: the other ranks did not answer within timeout={timeout} s '
-                               f'(the `timeout` of launch / init_distributed): {why}') from e
-    if is_dist(): dist.destroy_process_group()
-    return res
 # %% nbs/07b_distributed.ipynb cell 11
-class RankResults(list):
-    "What `fn` returned on each rank, in rank order; `stdout[r]` is what rank r printed."
-
-class RankFailedError(RuntimeError): "A process of `launch` failed; the message starts with the first error and its rank."
-
-def error_line(e):
-    "`Type: message`, first line, without gloo's source path and the peer's address."
-    msg = re.sub(r'\[/[^\]]*\] ', '', str(e).strip().split('\n')[0])
-    msg = re.sub(r' ?\[[0-9a-fA-F.:]+\]:\d+', '', msg)
-    return f'{type(e).__name__}: {msg}'
-
-def _spawned(rank, fn, args, world_size, folder, timeout, threads):
-    "What each process `launch` starts runs: join the group through a file, run `fn`, save its result and what it printed."
-    torch.set_num_threads(threads)
-    try:
-        init_distributed(rank, world_size, f'file://{folder}/rendezvous', timeout, backend='gloo')  # the models stay on the CPU
-        with open(f'{folder}/stdout{rank}.txt', 'w') as out, contextlib.redirect_stdout(out):
-            res = run_in_group(fn, args, timeout)
-    except BaseException as e:   # noted with its time: `launch` reports the first error, not the others' reactions
-        Path(folder, f'error{rank}.txt').write_text(f'{time.time()}\n{error_line(e)}\n{traceback.format_exc()}')
-        raise
-    torch.save(res, f'{folder}/result{rank}.pt')
-
-def first_error(folder):
-    "The rank whose error came first, its `error_line` and its traceback."
-    errors = [(p.read_text().split('\n', 2), int(p.stem[5:])) for p in Path(folder).glob('error*.txt')]
-    if not errors: return None
-    (_, line, tb), rank = min(errors, key=lambda e: float(e[0][0]))
-    return rank, line, tb
-
-def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
-    "Run `fn(*args)` on `nprocs` new processes, one rank each; print what rank 0 printed; return a `RankResults`."
-    threads = threads or max(1, (os.cpu_count() or 1) // nprocs)
-    spawn_log = logging.getLogger('torch.multiprocessing.spawn')
-    saved = os.environ.get('MPLBACKEND'), spawn_log.level
-    os.environ['MPLBACKEND'] = 'agg'              # the workers draw into files, never into a window
-    spawn_log.setLevel(logging.ERROR)             # no log line for each process it stops after a failure
-    with tempfile.TemporaryDirectory() as folder:
-        try: mp.spawn(_spawned, (fn, args, nprocs, folder, timeout, threads), nprocs=nprocs)
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-            first = first_error(folder)
-            if first is None: raise
-            raise RankFailedError(f'rank {first[0]} failed first: {first[1]}\n\n{first[2]}') from e
-        finally:
-            if saved[0] is None: os.environ.pop('MPLBACKEND')
-            else: os.environ['MPLBACKEND'] = saved[0]
-            spawn_log.setLevel(saved[1])
-            outs = [Path(folder, f'stdout{r}.txt') for r in range(nprocs)]
-            outs = [o.read_text() if o.exists() else '' for o in outs]
-            print(outs[0], end='')
-        res = RankResults(torch.load(Path(folder, f'result{r}.pt'), weights_only=False) for r in range(nprocs))
-    res.stdout = outs
-    return res
+class AllReduced(NamedTuple):
+    "What a rank held before and after an all-reduce."
+    before: float
+    after: float
 
 def all_reduce_demo():
     "Each rank holds its rank + 1; after an all-reduce, every rank holds the sum."
@@ -112,7 +52,7 @@ def all_reduce_demo():
     before = t.item()
     dist.all_reduce(t)
     print(f'rank {get_rank()} of {get_world_size()}: {before} before the all-reduce, {t.item()} after')
-    return before, t.item()
+    return AllReduced(before, t.item())
 # %% nbs/07b_distributed.ipynb cell 16
 class ShardSampler():
     """Batches of `bs` items from this rank's shard of `ds`: one order for every rank (seeded; `set_epoch` reshuffles),
@@ -154,34 +94,27 @@ class AllReduceGradsCallback(Callback):
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
 # %% nbs/07b_distributed.ipynb cell 23
+@dataclass
+class FitResult:
+    "What `fit_worker` measured on one rank: the weights (on the CPU), the training steps, validation's [loss, metrics...] and items."
+    weights: dict
+    n_iter: int
+    valid: list = None
+    valid_count: int = None
+
 def fit_worker(make_learn_run, epochs=1, seed=0):
-    "Seed, make a learner and runner with `make_learn_run()`, fit; return the weights (on the CPU) and what was measured."
+    "Seed, make a learner and runner with `make_learn_run()`, fit; return a `FitResult`."
     torch.manual_seed(seed)
     learn, run = make_learn_run()
     run.fit(epochs, learn)
     stats = getattr(run, 'avg_stats', None)
-    return {'weights': {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in learn.model.state_dict().items()},
-            'n_iter': run.n_iter, 'valid': stats.valid_stats.avg_stats if stats else None,
-            'valid_count': stats.valid_stats.count if stats else None}
+    weights = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in learn.model.state_dict().items()}
+    return FitResult(weights, run.n_iter, stats and stats.valid_stats.avg_stats, stats and stats.valid_stats.count)
 
 def fit_workers(jobs):
     "`fit_worker(*job)` for each job (`(make_learn_run, epochs)`...) in turn, in one process group: one launch, several fits."
     return [fit_worker(*job) for job in jobs]
-# %% nbs/07b_distributed.ipynb cell 30
-class FaultCallback(Callback):
-    "For trying faults: on rank `rank`, at training step `n_iter`, in `event`, raise `fault` (an exception class) or, if 'hang', stop answering."
-    EVENTS = ('begin_batch', 'after_loss', 'after_step')
-    def __init__(self, rank=1, n_iter=2, event='begin_batch', fault=CancelTrainException):
-        if event not in self.EVENTS: raise ValueError(f'FaultCallback: event must be one of {self.EVENTS}, got {event!r}')
-        self.rank, self.at, self.event, self.fault = rank, n_iter, event, fault
-    def strike(self, event):
-        if event != self.event or get_rank() != self.rank or not self.in_train or self.n_iter != self.at: return
-        if self.fault == 'hang': time.sleep(3600)
-        raise self.fault(f'rank {self.rank} failed at training step {self.at}')
-    def begin_batch(self): self.strike('begin_batch')
-    def after_loss(self): self.strike('after_loss')
-    def after_step(self): self.strike('after_step')
-# %% nbs/07b_distributed.ipynb cell 33
+# %% nbs/07b_distributed.ipynb cell 32
 def reduce_sums(values):
     "The element-wise sums over the ranks of the numbers `values` (floats, ints or one-element tensors): one all-reduce."
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
@@ -192,36 +125,29 @@ def reduce_avg_stats(stats):
     "Replace the totals and count of the `AvgStats` `stats` by their sums over the ranks."
     tot_loss, count, *tot_mets = reduce_sums([stats.tot_loss, stats.count, *stats.tot_mets])
     stats.tot_loss, stats.count, stats.tot_mets = tot_loss, int(count), tot_mets
-# %% nbs/07b_distributed.ipynb cell 34
+# %% nbs/07b_distributed.ipynb cell 33
 CANCELS = [None, CancelBatchException, CancelEpochException, CancelTrainException]   # the wider the reach, the higher
 
-class DistLateCallback(Callback):
-    "Runs `owner.late_<event>()` after every other callback of each event."
-    _order = 1000
-    def __init__(self, owner): self.owner = owner
-    def __call__(self, cb_name):
-        f = getattr(self.owner, 'late_' + cb_name, None)
-        return bool(f and f())
+class UnevenDataError(ValueError): "The ranks have different numbers of training batches, or one has an empty batch."
+
+def n_batches(dl):
+    "The number of batches `dl` will give, -1 if it cannot say."
+    try: return len(dl)
+    except TypeError: return -1
 
 class DistributedCallback(Callback):
     """The Runner on several ranks: only the main rank prints, warns and draws; each epoch reshuffles every rank's shard alike;
     `AvgStatsCallback` sums its totals over the ranks once per epoch; a Cancel*Exception raised on any rank stops every rank at
-    the same step. With no process group, it does nothing."""
-    _order = -10
-    def set_runner(self, run):
-        super().set_runner(run)
-        if not any(isinstance(cb, DistLateCallback) and cb.owner is self for cb in run.cbs): run.add_cb(DistLateCallback(self))
+    the same step; uneven data fails at once; `LR_Find` suggests one rate. With no process group, it does nothing."""
+    def __init__(self): self.validating, self.active, self.quiet = False, False, None
+    @property
+    def _order(self): return -10 if self.validating else 1000   # after the others; first for validation and after_epoch
 
-    def begin_fit(self):
-        self.active, self.pending, self.wrapped, self.quiet = is_dist(), 0, [], None
+    def set_runner(self, run):   # the start of a fit, before any callback's begin_fit
+        super().set_runner(run)
+        self.active, self.validating, self.agreed, self.step_done, self.ended = is_dist(), False, False, False, False
         if not self.active: return
         self.rank, self.world = get_rank(), get_world_size()
-        for cb in self.run.cbs:
-            if cb is self or isinstance(cb, DistLateCallback): continue
-            for event in dir(cb):
-                if event.startswith(('begin_', 'after_')) and callable(getattr(cb, event)):
-                    self.wrapped.append((cb, event, vars(cb).get(event)))
-                    setattr(cb, event, self.deferring(getattr(cb, event)))
         if not is_main(): self.silence()
 
     def silence(self):
@@ -233,67 +159,85 @@ class DistributedCallback(Callback):
         for cb in self.run.cbs:
             if isinstance(cb, ProgressCallback): self.quiet.callback(setattr, cb, 'mode', cb.mode); cb.mode = 'off'
 
-    def deferring(self, f):
-        "`f`, except that a Cancel*Exception it raises is noted, to be agreed on by every rank (validation's batches and passes excepted)."
-        def deferred():
-            try: return f()
-            except (CancelBatchException, CancelEpochException, CancelTrainException) as e:
-                if not self.in_train and not isinstance(e, CancelTrainException): raise   # validation: no collectives to keep in step
-                self.pending = max(self.pending, next(i for i, c in enumerate(CANCELS) if c and isinstance(e, c)))
-        return deferred
-
-    def agree(self, raising=(CancelTrainException,)):
-        "All ranks learn the widest cancel any of them noted (one all-reduce) and raise it together, if it is in `raising`."
-        code = torch.tensor([self.pending * self.world + self.rank if self.pending else 0], device=comm_device())
-        dist.all_reduce(code, op=dist.ReduceOp.MAX)
-        mine, self.pending, (kind, rank) = self.pending, 0, divmod(int(code), self.world)
-        if CANCELS[kind] not in raising: return
-        if kind == 3 and mine < 3: print(f'{CANCELS[kind].__name__} on rank {rank}: every rank stops, in epoch {self.epoch} after {self.n_iter} training steps')
+    def agree(self, raising=(CancelTrainException,), mine=0, info=0):
+        """One all-reduce: every rank learns the cancel each rank raised (`mine`, its index in CANCELS) and its `info`.
+        The widest cancel is raised on every rank, if it is in `raising`; returns every rank's `info`."""
+        t = torch.zeros(self.world, 2, dtype=torch.float64, device=comm_device())
+        t[self.rank] = torch.tensor([mine, info], dtype=torch.float64)
+        dist.all_reduce(t)
+        kinds, infos = t[:, 0].long().tolist(), t[:, 1].long().tolist()
+        kind = max(kinds)
+        if CANCELS[kind] not in raising or kind <= mine: return infos
+        if kind == 3 and is_main(): print(f'CancelTrainException on rank {kinds.index(kind)}: every rank stops, '
+                                          f'in epoch {self.epoch} after {self.n_iter} training steps')
+        self.agreed = True   # the Runner's after_cancel_* event must not tell the others again
         raise CANCELS[kind]()
+
+    def caught(self, cancel):
+        "This rank left an event by `cancel`: unless every rank did (by `agree`), tell the others, waiting at their next agreement."
+        agreed, self.agreed = self.agreed, False
+        if not self.active or agreed or self.ended: return
+        if not self.in_train and cancel is not CancelTrainException: return   # in validation: local
+        mine = CANCELS.index(cancel)
+        self.agree(CANCELS[mine + 1:], mine)                                    # (a wider cancel elsewhere wins)
+    def after_cancel_batch(self): self.caught(CancelBatchException)
+    def after_cancel_epoch(self): self.caught(CancelEpochException)
+    def after_cancel_train(self):
+        self.caught(CancelTrainException)
+        self.ended = True
 
     def begin_epoch(self):
         if not self.active: return
         for dl in (self.data.train_dl, self.data.valid_dl):
             if hasattr(getattr(dl, 'sampler', None), 'set_epoch'): dl.sampler.set_epoch(self.epoch)
-    def late_begin_epoch(self):
-        if self.active: self.agree((CancelEpochException, CancelTrainException))
-    def begin_batch(self): self.step_done = False
-    def late_after_step(self): self.step_done = True
-    def after_cancel_batch(self): self.step_done = True
-    def late_after_loss(self):
-        if self.active and self.in_train: self.agree((CancelBatchException, CancelEpochException, CancelTrainException))
-    def late_after_batch(self):   # reached also when an error leaves the step: then no collective, the error goes on
-        if self.active and self.in_train and self.step_done: self.agree((CancelEpochException, CancelTrainException))
-    def late_begin_validate(self):
-        if self.active: self.agree()
+        counts = self.agree((CancelEpochException, CancelTrainException), info=n_batches(self.data.train_dl))
+        if len(set(counts)) > 1: raise UnevenDataError(
+            f'the ranks have different numbers of training batches in epoch {self.epoch} ({per_rank(counts)}): every rank must '
+            f'run the same number of steps (ShardSampler with shuffle=True drops the items that do not divide evenly)')
+    def begin_batch(self):
+        if not (self.active and self.in_train): return
+        sizes = self.agree(CANCELS[1:], info=len(self.xb))
+        if 0 in sizes: raise UnevenDataError(f'an empty training batch at step {self.n_iter} (batch sizes: {per_rank(sizes)}): '
+                                             f'every rank needs items in every training batch')
+    def after_loss(self):
+        if self.active and self.in_train: self.agree(CANCELS[1:])
+    def after_step(self): self.step_done = True
+    def after_batch(self):   # also reached when an error or a cancel ends the step: then no collective
+        done, self.step_done = self.step_done, False
+        if self.active and self.in_train and done: self.agree((CancelEpochException, CancelTrainException))
+    def begin_validate(self): self.validating = True
     def after_epoch(self):
+        self.validating = False
         if not self.active: return
         self.agree()   # a CancelTrainException from validation stops every rank before the statistics are printed
+        self.ended = self.epoch == self.epochs - 1   # no agreement follows: a cancel from here on is for this rank only
         for cb in self.run.cbs:
             if isinstance(cb, AvgStatsCallback): reduce_avg_stats(cb.train_stats); reduce_avg_stats(cb.valid_stats)
             if isinstance(cb, ProgressCallback) and hasattr(cb, 'sums'):
                 for k in (True, False): cb.sums[k], cb.counts[k] = reduce_sums([cb.sums[k], cb.counts[k]])
-    def late_after_epoch(self):
-        if self.active: self.agree()
     def after_fit(self):
-        for cb, event, own in reversed(getattr(self, 'wrapped', [])):   # put back what the callback had
-            if own is None: vars(cb).pop(event, None)
-            else: setattr(cb, event, own)
-        self.wrapped = []
-        if getattr(self, 'quiet', None) is not None: self.quiet.close()
-        self.quiet = None
-# %% nbs/07b_distributed.ipynb cell 36
+        if self.active and self.ended:   # not after an error: the others may be gone
+            for cb in self.run.cbs:
+                if isinstance(cb, LR_Find) and cb.losses: cb.losses = [s / self.world for s in reduce_sums(cb.losses)]
+        if self.quiet is not None: self.quiet.close()
+        self.quiet, self.validating = None, False
+
+def per_rank(values): return ', '.join(f'rank {r} {v}' for r, v in enumerate(values))
+# %% nbs/07b_distributed.ipynb cell 35
 class DDPCallback(DistributedCallback):
     """`DistributedCallback` with PyTorch's `DistributedDataParallel`: each training forward pass runs through a DDP wrapper,
     made at the first training batch (from rank 0's weights), so the gradients are averaged over the ranks during the backward
     pass. Everything else (hooks, saving, LR_Find, telemetry, validation) sees the real module; `after_fit` drops the wrapper."""
-    def begin_fit(self):
-        super().begin_fit()
+    def set_runner(self, run):
+        super().set_runner(run)
         self.ddp = None
-    def late_begin_batch(self):
+    def begin_batch(self):
+        super().begin_batch()
         if not (self.active and self.in_train): return
         if self.ddp is None:
-            self.ddp = DDP(self.model, device_ids=[local_device()] if local_device().type == 'cuda' else None)
+            devices = {p.device for p in self.model.parameters()}   # the model's own device: DDP needs it named if a GPU
+            cuda = len(devices) == 1 and next(iter(devices)).type == 'cuda'
+            self.ddp = DDP(self.model, device_ids=[*devices] if cuda else None)
         self.learn.model = self.ddp
     def after_pred(self): self.unwrap()
     def unwrap(self):
@@ -302,11 +246,18 @@ class DDPCallback(DistributedCallback):
         if self.learn is not None: self.unwrap()
         self.ddp = None
         super().after_fit()
-# %% nbs/07b_distributed.ipynb cell 37
+# %% nbs/07b_distributed.ipynb cell 36
 def save_model(model, path):
-    "Save `model`'s weights (the real module's, not a DDP wrapper's) from the main rank only; every rank waits until it is written."
+    """Save `model`'s weights (the real module's, not a DDP wrapper's) from the main rank only, atomically (the whole file
+    or, after a failure, the file that was there); every rank waits until it is written."""
     if isinstance(model, DDP): model = model.module
-    if is_main(): torch.save(model.state_dict(), path)
+    if is_main():
+        path = Path(path)
+        tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+        try:
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, path)
+        finally: tmp.unlink(missing_ok=True)
     if is_dist(): dist.barrier()
 
 def main_first(f):
@@ -315,7 +266,7 @@ def main_first(f):
     res = f()
     if is_dist() and is_main(): dist.barrier()
     return res
-# %% nbs/07b_distributed.ipynb cell 45
+# %% nbs/07b_distributed.ipynb cell 44
 class AllReduceSum(torch.autograd.Function):
     "The sum of a tensor over the ranks; its backward pass sums the gradients over the ranks too."
     @staticmethod
@@ -334,14 +285,16 @@ def all_reduce_sum(x): return AllReduceSum.apply(x) if is_dist() else x
 def sync_batch_stats(x, shift):
     """`(bs, n, mean, var)` of the batch made of every rank's `x`, `(N, nf, H, W)`: per channel, the counts, sums and sums of
     squares of `x - shift` summed over the ranks by one all-reduce. `shift` (the running mean, the same on every rank) keeps
-    the sums of squares from cancelling (notebook 07). `bs` and `n` are 0-dim integer tensors: nothing waits for the device."""
-    nf = x.shape[1]
-    d = x - shift.detach()
-    counts = torch.tensor([x.shape[0], x.numel() // nf], dtype=x.dtype, device=x.device)
-    sums = all_reduce_sum(torch.cat([counts, d.sum((0, 2, 3)), (d * d).sum((0, 2, 3))]))
-    bs, n, s, ss = sums[0].detach().long(), sums[1].detach().long(), sums[2:2 + nf], sums[2 + nf:]   # counts: exact in float32 below 2**24
+    the sums of squares from cancelling (notebook 07). Sums in float32 at least, counts in float64, whatever `x`'s dtype;
+    `bs` and `n` are 0-dim integer tensors (nothing waits for the device); `mean` and `var` have `shift`'s dtype."""
+    nf, acc = x.shape[1], torch.promote_types(x.dtype, torch.float32)
+    d = x.to(acc) - shift.detach().to(acc)
+    counts = torch.tensor([x.shape[0], x.numel() // nf], dtype=torch.float64, device=x.device)
+    sums = all_reduce_sum(torch.cat([counts, d.sum((0, 2, 3)).double(), (d * d).sum((0, 2, 3)).double()]))
+    bs, n, s, ss = sums[0].detach().long(), sums[1].detach().long(), sums[2:2 + nf], sums[2 + nf:]
     md = s / n
-    return bs, n, (md + shift.detach().flatten()).view(1, nf, 1, 1), (ss / n - md * md).view(1, nf, 1, 1)
+    mean, var = md + shift.detach().flatten().double(), ss / n - md * md
+    return bs, n, mean.to(shift.dtype).view(1, nf, 1, 1), var.to(shift.dtype).view(1, nf, 1, 1)
 
 class SyncBatchNorm(BatchNorm):
     "`BatchNorm` over the whole batch, every rank's share of it: its statistics come from one all-reduce per layer."
@@ -350,14 +303,199 @@ class SyncBatchNorm(BatchNorm):
 class SyncRunningBatchNorm(RunningBatchNorm):
     "`RunningBatchNorm` whose batches are every rank's share together: its statistics come from one all-reduce per layer."
     def batch_stats(self, x): return sync_batch_stats(x, self.means) if is_dist() else super().batch_stats(x)
+# %% nbs/07b_distributed.ipynb cell 52
+class RankResults(list):
+    "What `fn` returned on each rank, in rank order; `stdout[r]` is what rank r printed."
+
+class RankFailedError(RuntimeError): "A process of `launch` failed; the message starts with the first failure and its rank."
+
+class RankError(NamedTuple):
+    "How a rank of `launch` failed: its rank, `error_line` and traceback, and when (`time.time()`)."
+    rank: int
+    line: str
+    traceback: str
+    time: float
+
+def error_line(e):
+    "`Type: message`, first line, without gloo's source path and the peer's address."
+    msg = re.sub(r'\[/[^\]]*\] ', '', str(e).strip().split('\n')[0])
+    msg = re.sub(r' ?\[[0-9a-fA-F.:]+\]:\d+', '', msg)
+    return f'{type(e).__name__}: {msg}'
+
+def _watch_parent(alive, folder):
+    "In a worker: wait until the parent's end of the pipe `alive` closes (the parent is gone), then remove the folder and end."
+    try: alive.recv()
+    except (EOFError, OSError): pass
+    shutil.rmtree(folder, ignore_errors=True)
+    os._exit(1)
+
+def rendezvous_uri(folder, path=Path):
+    "The file URI where `launch`'s processes meet: `file:///tmp/...`; on Windows `file:///C:/...`, which a plain f-string is not."
+    return path(folder, 'rendezvous').as_uri()
+
+def _worker(rank, fn, args, world_size, folder, timeout, threads, alive):
+    "What each process `launch` starts runs: join the group through a file, run `fn`, save its result and what it printed."
+    threading.Thread(target=_watch_parent, args=(alive, folder), daemon=True).start()
+    torch.set_num_threads(threads)
+    try:
+        init_distributed(rank, world_size, rendezvous_uri(folder), timeout, backend='gloo')  # models on the CPU
+        Path(folder, f'met{rank}').touch()
+        with open(Path(folder, f'stdout{rank}.txt'), 'w') as out, contextlib.redirect_stdout(out):
+            res = run_in_group(fn, args, timeout)
+        torch.save(res, Path(folder, f'result{rank}.pt'))
+    except BaseException as e:   # noted with its time: `launch` reports the first failure, not the others' reactions
+        Path(folder, f'error{rank}.txt').write_text(f'{time.time()}\n{error_line(e)}\n{traceback.format_exc()}')
+        os._exit(1)              # at once: leaving the group politely would wait for the others
+
+def first_error(folder, exits=None):
+    """The first failure of `launch`'s ranks, a `RankError` (None if none): a rank that ended (`exits[r]`: its exit code) with
+    neither result nor error comes first, as the one that left; else the earliest error noted in `folder`."""
+    for r, code in sorted((exits or {}).items()):
+        if code is not None and not any(Path(folder, f'{f}{r}{x}').exists() for f, x in (('result', '.pt'), ('error', '.txt'))):
+            return RankError(r, f'its process ended (exit status {code}) before `fn` returned, without an error: it left the '
+                                f'run (os._exit, killed), or could not import what it was sent', '', 0.)
+    errors = [(p.read_text().split('\n', 2), int(p.stem[5:])) for p in Path(folder).glob('error*.txt')]
+    if not errors: return None
+    (when, line, tb), rank = min(errors, key=lambda e: float(e[0][0]))
+    return RankError(rank, line, tb, float(when))
+
+def _stop(procs, grace=0.):
+    "Give the processes `grace` seconds to end, then terminate (then kill) those left, and reap them all."
+    end = time.monotonic() + grace
+    for p in procs: p.join(max(0., end - time.monotonic()))
+    for p in procs:
+        if p.is_alive(): p.terminate(); p.join(2)
+        if p.is_alive(): p.kill(); p.join()
+
+def _wait(procs, folder):
+    """Wait until every process has ended; once one has failed, stop the others after 2 s. The exit codes, by rank, of the
+    processes that had ended when the first failure was seen (those stopped after it are not counted as leaving)."""
+    while any(p.is_alive() for p in procs):
+        multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=1)
+        exits = {r: p.exitcode for r, p in enumerate(procs)}
+        if any(c not in (None, 0) or (c == 0 and not Path(folder, f'result{r}.pt').exists()) for r, c in exits.items()):
+            _stop(procs, grace=2.)
+            return exits
+    return {r: p.exitcode for r, p in enumerate(procs)}
+
+@contextlib.contextmanager
+def _no_sigint():
+    "Ignore Ctrl-C while processes start, so that they inherit it ignored (only the main thread may change signals)."
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try: yield
+    finally:
+        if main: signal.signal(signal.SIGINT, saved)
+
+def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
+    "Run `fn(*args)` on `nprocs` new processes, one rank each; print what rank 0 printed; return a `RankResults`."
+    if getattr(fn, '__module__', None) == '__main__' and not hasattr(sys.modules['__main__'], '__file__'):
+        raise ValueError(f'launch: {fn.__name__} is defined in this notebook (module __main__), which the new processes cannot '
+                         f'import: export it (#export, notebook2script.py) and pass the copy from exp')
+    threads = threads or max(1, (os.cpu_count() or 1) // nprocs)
+    warn_if_stale()
+    ctx, saved = mp.get_context('spawn'), os.environ.get('MPLBACKEND')
+    with tempfile.TemporaryDirectory(prefix='launch-', ignore_cleanup_errors=True) as folder:
+        alive, parent_end = ctx.Pipe(duplex=False)    # the workers hold `alive`; it closes when this process ends
+        procs = [ctx.Process(target=_worker, args=(r, fn, args, nprocs, folder, timeout, threads, alive)) for r in range(nprocs)]
+        print(f'launch: starting {nprocs} processes, which import {fn.__module__} and meet (a few seconds)...')
+        os.environ['MPLBACKEND'] = 'agg'              # the workers draw into files, never into a window
+        try:
+            with _no_sigint():
+                for p in procs: p.start()
+            alive.close()
+            exits = _wait(procs, folder)
+        except KeyboardInterrupt:
+            _stop(procs)
+            raise KeyboardInterrupt(f'launch: interrupted; its {nprocs} processes were stopped') from None
+        finally:
+            _stop(procs)
+            parent_end.close()
+            if saved is None: os.environ.pop('MPLBACKEND', None)
+            else: os.environ['MPLBACKEND'] = saved
+        outs = [Path(folder, f'stdout{r}.txt') for r in range(nprocs)]
+        outs = [o.read_text() if o.exists() else '' for o in outs]
+        print(outs[0], end='')
+        first = first_error(folder, exits)
+        if first: raise RankFailedError(f'rank {first.rank} failed first: {first.line}\n\n{first.traceback}'.rstrip())
+        res = RankResults(torch.load(Path(folder, f'result{r}.pt'), weights_only=False) for r in range(nprocs))
+    res.stdout = outs
+    return res
+# %% nbs/07b_distributed.ipynb cell 54
+def definitions(obj):
+    "The source texts that make `obj`: a function's, or each of a class's own methods' (None where Python cannot find it)."
+    if not inspect.isclass(obj): return [inspect.getsource(obj)] if inspect.isfunction(obj) else []
+    return [src for v in vars(obj).values() for src in definitions(getattr(v, '__func__', v)) if inspect.isfunction(getattr(v, '__func__', v))]
+
+def stale_names(main=None, module='exp.nb_07b'):
+    "The functions and classes of `main` (default: `__main__`, a notebook's cells) that `module` also defines, but differently."
+    main, mod = main or sys.modules['__main__'], importlib.import_module(module)
+    text = Path(mod.__file__).read_text()
+    stale = []
+    for name, obj in vars(main).items():
+        if getattr(obj, '__module__', None) != main.__name__ or getattr(getattr(mod, name, None), '__module__', None) != module: continue
+        try: srcs = definitions(obj)
+        except (OSError, TypeError): continue   # no source to compare (defined by exec)
+        if any(src not in text for src in srcs): stale.append(name)
+    return stale
+
+def warn_if_stale(main=None, module='exp.nb_07b'):
+    "Warn if a cell of the notebook was changed and run but not exported: the processes would run `module`'s old copy."
+    names = stale_names(main, module)
+    if names: warnings.warn(f'launch: {", ".join(names)} changed in this notebook but not in {module}, which the processes run: '
+                            f'export the notebook (python notebook2script.py nbs/07b_distributed.ipynb) to run the new code')
+# %% nbs/07b_distributed.ipynb cell 56
+class RankTimeoutError(TimeoutError): "A rank waited for the others longer than the process group's timeout."
+
+TIMEOUT_WORDS = re.compile(r'timed out|timeout', re.IGNORECASE)   # gloo: 'Timed out waiting 3000ms...'; NCCL: '...timeout...'
+
+def is_timeout(e):
+    "Whether `e` is a collective's timeout: PyTorch's distributed errors (or a plain RuntimeError) whose message says so."
+    types = (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError, TimeoutError, RuntimeError)
+    return isinstance(e, types) and bool(TIMEOUT_WORDS.search(str(e)))
+
+def run_in_group(fn, args=(), timeout=DEFAULT_TIMEOUT):
+    """`fn(*args)` in the process group (if any), naming the timeout if the other ranks stop answering; leave the group
+    after a success. After a failure the process should end at once: leaving the group would wait for the others."""
+    try: res = fn(*args)
+    except (RuntimeError, TimeoutError) as e:
+        if isinstance(e, RankTimeoutError) or not is_timeout(e): raise
+        why = re.sub(r'\[[^\]]*\] ', '', str(e).splitlines()[0])   # without the path of gloo's source file
+        raise RankTimeoutError(f'rank {get_rank()}: the other ranks did not answer within timeout={timeout} s '
+                               f'(the `timeout` of launch / init_distributed): {why}') from e
+    if is_dist(): dist.destroy_process_group()
+    return res
+# %% nbs/07b_distributed.ipynb cell 58
+class FaultCallback(Callback):
+    "For trying faults: on rank `rank`, at training step `n_iter`, in `event`, raise `fault` (an exception class) or, if 'hang', stop answering."
+    EVENTS = ('begin_batch', 'after_loss', 'after_step')
+    def __init__(self, rank=1, n_iter=2, event='begin_batch', fault=CancelTrainException):
+        if event not in self.EVENTS: raise ValueError(f'FaultCallback: event must be one of {self.EVENTS}, got {event!r}')
+        self.rank, self.at, self.event, self.fault = rank, n_iter, event, fault
+    def strike(self, event):
+        if event != self.event or get_rank() != self.rank or not self.in_train or self.n_iter != self.at: return
+        if self.fault == 'hang': time.sleep(3600)
+        raise self.fault(f'rank {self.rank} failed at training step {self.at}')
+    def begin_batch(self): self.strike('begin_batch')
+    def after_loss(self): self.strike('after_loss')
+    def after_step(self): self.strike('after_step')
+
+class DistLateCallback(Callback):
+    "Kept for code written against an older `DistributedCallback`, which added one to the runner; it does nothing now."
+    _order = 1000
+    def __init__(self, owner=None): self.owner = owner
 
 from exp.nb_07a import __all__ as _nb_07a_all
-__all__ = [*_nb_07a_all, 'contextlib', 'datetime', 'io', 'logging', 'sys', 'tempfile', 'time',
-           'traceback', 'warnings', 'dist', 'mp', 'DDP', 'is_dist', 'get_rank', 'get_world_size',
-           'is_main', 'dist_backend', 'local_device', 'comm_device', 'DEFAULT_TIMEOUT',
-           'init_distributed', 'RankTimeoutError', 'run_in_group', 'RankResults', 'RankFailedError',
-           'error_line', 'first_error', 'launch', 'all_reduce_demo', 'ShardSampler', 'get_dist_dls',
-           'AllReduceGradsCallback', 'fit_worker', 'fit_workers', 'FaultCallback', 'reduce_sums',
-           'reduce_avg_stats', 'CANCELS', 'DistLateCallback', 'DistributedCallback', 'DDPCallback',
-           'save_model', 'main_first', 'AllReduceSum', 'all_reduce_sum', 'sync_batch_stats',
-           'SyncBatchNorm', 'SyncRunningBatchNorm']
+__all__ = [*_nb_07a_all, 'contextlib', 'datetime', 'importlib', 'inspect', 'io', 'logging',
+           'multiprocessing', 'shutil', 'signal', 'sys', 'tempfile', 'threading', 'time',
+           'traceback', 'warnings', 'dataclass', 'NamedTuple', 'dist', 'mp', 'DDP', 'is_dist',
+           'get_rank', 'get_world_size', 'is_main', 'dist_backend', 'local_device', 'comm_device',
+           'DEFAULT_TIMEOUT', 'init_distributed', 'AllReduced', 'all_reduce_demo', 'ShardSampler',
+           'get_dist_dls', 'AllReduceGradsCallback', 'FitResult', 'fit_worker', 'fit_workers',
+           'reduce_sums', 'reduce_avg_stats', 'CANCELS', 'UnevenDataError', 'n_batches',
+           'DistributedCallback', 'per_rank', 'DDPCallback', 'save_model', 'main_first',
+           'AllReduceSum', 'all_reduce_sum', 'sync_batch_stats', 'SyncBatchNorm',
+           'SyncRunningBatchNorm', 'RankResults', 'RankFailedError', 'RankError', 'error_line',
+           'rendezvous_uri', 'first_error', 'launch', 'definitions', 'stale_names', 'warn_if_stale',
+           'RankTimeoutError', 'TIMEOUT_WORDS', 'is_timeout', 'run_in_group', 'FaultCallback',
+           'DistLateCallback']

@@ -7,61 +7,23 @@ OMP_NUM_THREADS=1 and one torch thread each.
 """
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+import warnings
+from pathlib import Path, PureWindowsPath
 
 import pytest
 import torch
 
 os.environ['OMP_NUM_THREADS'] = '1'   # inherited by the spawned processes
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # `dist_helpers`, for this process and those it spawns
 from exp.nb_07b import *  # noqa: E402
+from dist_helpers import *  # noqa: E402
 from torch.utils.data import DistributedSampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# --- helpers the processes import from this module (spawn pickles functions and classes by name) ----------------
-
-def layer_norm(nf): return LayerNorm()
-
-def make_data(n, bs, nv=11, seed=0):
-    "`n` random 12x12 training images and `nv` validation ones (10 classes), in shards of `bs` per rank."
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n, 1, 12, 12, generator=g), torch.randint(0, 10, (n,), generator=g)
-    xv, yv = torch.randn(nv, 1, 12, 12, generator=g), torch.randint(0, 10, (nv,), generator=g)
-    return DataBunch(*get_dist_dls(Dataset(x, y), Dataset(xv, yv), bs), c=10)
-
-def five_steps(norm, cbs, bs, world=2, lr=0.1):
-    "5 steps of SGD with momentum, batches of `bs` on each of `world` ranks, notebook 07's CNN with `norm` (None: no norm)."
-    kw = dict(bn=False) if norm is None else dict(norm=norm)
-    return partial(get_learn_run, [4, 8], make_data(5 * bs * world, bs), lr, conv_layer, cbs=cbs,
-                   opt_func=partial(optim.SGD, momentum=0.9), **kw)
-
-def an_epoch(cbs, n=40, bs=4, lr=0.1):
-    return partial(get_learn_run, [4, 8], make_data(n, bs), lr, conv_layer, cbs=cbs + [partial(AvgStatsCallback, accuracy)],
-                   norm=SyncBatchNorm)
-
-class NanOnRank1(Callback):
-    "Makes rank 1's training loss NaN at step 1 (before StopOnNanCallback looks at it)."
-    _order = -1
-    def after_loss(self):
-        if get_rank() == 1 and self.in_train and self.n_iter == 1: self.run.loss = self.loss * float('nan')
-
-def checks_on_two_ranks(jobs, ckpt):
-    "Every fit of `jobs`, then a checkpoint: how many times this rank called torch.save, and whether it can read the file."
-    res = fit_workers(jobs)
-    saves, save = [], torch.save
-    torch.save = lambda *a, **k: (saves.append(1), save(*a, **k))
-    try: save_model(nn.Linear(2, 2), ckpt)
-    finally: torch.save = save
-    return res, len(saves), set(torch.load(ckpt)) == {'weight', 'bias'}
-
-def weights_diff(a, b): return max((a[k].float() - b[k].float()).abs().max().item() for k in a if torch.is_tensor(a[k]))
-
-NORMS = {'no norm': None, 'LayerNorm': layer_norm, 'SyncBatchNorm': SyncBatchNorm,
-         'SyncRunningBatchNorm': SyncRunningBatchNorm, 'BatchNorm on each rank': BatchNorm}
 
 
 # --- in one process ----------------------------------------------------------------------------------------------
@@ -103,7 +65,7 @@ def test_without_world_size_everything_runs_in_one_process(monkeypatch):
     for norm, plain in ((SyncBatchNorm, BatchNorm), (SyncRunningBatchNorm, RunningBatchNorm)):
         with_cb = fit_worker(an_epoch([DDPCallback]) if norm is SyncBatchNorm else five_steps(norm, [DDPCallback], 4, world=1))
         without = fit_worker(an_epoch([]) if norm is SyncBatchNorm else five_steps(plain, [], 4, world=1))
-        assert weights_diff(with_cb['weights'], without['weights']) == 0
+        assert weights_diff(with_cb.weights, without.weights) == 0
     x = torch.randn(4, 3, 5, 5)
     assert all(torch.equal(a, b) for a, b in zip(SyncBatchNorm(3).batch_stats(x)[2:], BatchNorm(3).batch_stats(x)[2:]))
 
@@ -123,43 +85,51 @@ def test_two_ranks(tmp_path):
              (an_epoch([DDPCallback, FaultCallback(1, 2, 'after_step')]),),                  # a cancel on rank 1
              (an_epoch([DDPCallback, NanOnRank1()]),),                                       # a NaN loss on rank 1
              (an_epoch([DDPCallback, LR_Find(max_iter=3)], n=80),),
-             (an_epoch([AllReduceGradsCallback, DistributedCallback, FaultCallback(1, 1, 'begin_batch')]),)]
+             (an_epoch([AllReduceGradsCallback, DistributedCallback, FaultCallback(1, 1, 'begin_batch')]),),
+             (an_epoch([DDPCallback, FaultCallback(1, 1, 'after_loss', CancelBatchException)]),),  # one batch skipped by all
+             (an_epoch([DDPCallback, FaultCallback(0, 2, 'begin_batch', CancelEpochException)]),)]  # an epoch cut short
     ckpt = tmp_path / 'model.pt'
     res = launch(checks_on_two_ranks, 2, args=(jobs, ckpt), timeout=30, threads=1)
-    (fits0, saves0, read0), (fits1, saves1, read1) = res
+    r0, r1 = res
+    fits0, fits1 = r0['fits'], r1['fits']
 
     for (name, cb), f0, f1 in zip(cases, fits0, fits1):
         one = fit_worker(five_steps(NORMS[name], [], 8, world=1))
-        assert f0['n_iter'] == f1['n_iter'] == one['n_iter'] == 5
+        assert f0.n_iter == f1.n_iter == one.n_iter == 5
         if name != 'BatchNorm on each rank':   # (whose running statistics are each rank's own)
-            assert weights_diff(f0['weights'], f1['weights']) == 0, (name, cb)   # the ranks agree exactly
-        diff = weights_diff(one['weights'], f0['weights'])
+            assert weights_diff(f0.weights, f1.weights) == 0, (name, cb)   # the ranks agree exactly
+        diff = weights_diff(one.weights, f0.weights)
         if name == 'BatchNorm on each rank': assert diff > 1e-3, (name, cb, diff)
         else: assert diff < 1e-6, (name, cb, diff)
 
     bs1 = fits0[len(cases)]
     one = fit_worker(five_steps(RunningBatchNorm, [], 2, world=1))
-    assert weights_diff(one['weights'], bs1['weights']) < 1e-6
+    assert weights_diff(one.weights, bs1.weights) < 1e-6
 
     valid = fits0[len(cases) + 1]                      # the trained model on the 11 validation items, in this process
     learn, _ = an_epoch([], n=40, bs=2)()
-    learn.model.load_state_dict(valid['weights'])
+    learn.model.load_state_dict(valid.weights)
     learn.model.eval()
     xv, yv = learn.data.valid_ds.x, learn.data.valid_ds.y
     with torch.no_grad(): pred = learn.model(xv)
-    assert valid['valid_count'] == fits1[len(cases) + 1]['valid_count'] == 11
-    assert abs(valid['valid'][0] - F.cross_entropy(pred, yv).item()) < 1e-6
-    assert abs(valid['valid'][1] - accuracy(pred, yv).item()) < 1e-6
+    assert valid.valid_count == fits1[len(cases) + 1].valid_count == 11
+    assert abs(valid.valid[0] - F.cross_entropy(pred, yv).item()) < 1e-6
+    assert abs(valid.valid[1] - accuracy(pred, yv).item()) < 1e-6
 
-    cancel, nan, lrf, by_hand = [(a['n_iter'], b['n_iter']) for a, b in zip(fits0[-4:], fits1[-4:])]
+    cancel, nan, lrf, by_hand, batch, epoch = [(a.n_iter, b.n_iter) for a, b in zip(fits0[-6:], fits1[-6:])]
     assert cancel == (3, 3)      # rank 1 cancelled in after_step of step 2: both ranks end that batch, then stop
     assert nan == (2, 2)         # stopped before the backward pass of step 1
     assert lrf == (4, 4)         # LR_Find(max_iter=3) stops after the step that reaches it
-    assert by_hand[0] == by_hand[1] == 2
+    assert by_hand == (2, 2)
+    assert batch == (5, 5)       # 40 items, batches of 4 on 2 ranks: 5 steps, one of them cancelled on both ranks
+    assert epoch == (3, 3)       # rank 0 ended the epoch in step 2 (which counts): rank 1 too
+    assert weights_diff(fits0[-2].weights, fits1[-2].weights) == 0
 
+    assert r0['lr'][0] == r1['lr'][0] and r0['lr'][1] == r1['lr'][1] and len(r0['lr'][1]) == 7   # one suggestion
     assert res.stdout[1] == ''                                    # one voice
     assert 'valid:' in res.stdout[0] and 'CancelTrainException on rank 1' in res.stdout[0]
-    assert (saves0, saves1) == (1, 0) and read0 and read1 and [p.name for p in tmp_path.iterdir()] == ['model.pt']
+    assert (r0['saves'], r1['saves']) == (1, 0) and r0['readable'] and r1['readable']
+    assert [p.name for p in tmp_path.iterdir()] == ['model.pt']
 
 
 def test_a_raising_rank_ends_the_run():
@@ -194,3 +164,149 @@ def test_nccl_only_where_each_local_process_has_a_gpu_of_its_own(monkeypatch):
     assert (dist_backend(1), dist_backend(2)) == ('nccl', 'gloo')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     assert dist_backend(1) == 'gloo'
+
+
+# --- on one rank: a process group of one, in this process -------------------------------------------------------
+
+@pytest.fixture
+def one_rank(tmp_path):
+    "A gloo process group of one process: this one."
+    init_distributed(0, 1, rendezvous_uri(tmp_path), timeout=30, backend='gloo')
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_takes_the_device_from_the_model_on_a_cuda_machine(one_rank, monkeypatch):
+    "launch's models stay on the CPU: DDP must not be told a GPU because the machine has one (issue 23, item 1)."
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    res = fit_worker(five_steps(None, [DDPCallback], 4, world=1))
+    assert res.n_iter == 5
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_sync_statistics_count_and_sum_in_float32_or_wider(one_rank, dtype):
+    "80,000 values per channel: beyond float16's largest number (65504); sums in bfloat16 lose most of them."
+    x = (torch.randn(8, 2, 100, 100, generator=torch.Generator().manual_seed(0)) * 0.99 + 0.3).to(dtype)
+    for layer in (SyncBatchNorm(2).to(dtype), SyncRunningBatchNorm(2).to(dtype)):
+        bs, n, mean, var = layer.batch_stats(x)
+        want = x.double()
+        assert (int(bs), int(n)) == (8, 80_000)
+        assert mean.dtype == var.dtype == dtype
+        tol = 2 * torch.finfo(dtype).eps
+        assert torch.allclose(mean.double().flatten(), want.mean((0, 2, 3)), atol=tol, rtol=tol)
+        assert torch.allclose(var.double().flatten(), want.var((0, 2, 3), unbiased=False), atol=tol, rtol=tol)
+        assert layer(x).isfinite().all()
+
+
+def test_the_rendezvous_is_a_file_uri_on_windows_too():
+    assert rendezvous_uri(r'C:\Users\me\AppData\Local\Temp\launch-x', PureWindowsPath) == \
+        'file:///C:/Users/me/AppData/Local/Temp/launch-x/rendezvous'
+    assert rendezvous_uri('/tmp/launch-x') == 'file:///tmp/launch-x/rendezvous'
+
+
+@pytest.mark.parametrize('error, timeout', [
+    (dist.DistBackendError('[PG 0 Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE) '
+                           'ran for 3004 milliseconds before timing out.'), True),                              # NCCL's words
+    (dist.DistNetworkError('Socket Timeout'), True),
+    (RuntimeError('[/pytorch/gloo/transport/tcp/pair.cc:534] Timed out waiting 3000ms for recv operation to complete'), True),
+    (dist.DistBackendError('Connection closed by peer [10.0.0.2]:4242'), False),
+    (RuntimeError('CUDA out of memory'), False)])
+def test_timeouts_are_recognised_by_type_then_wording(error, timeout):
+    def fails(): raise error
+    if timeout:
+        with pytest.raises(RankTimeoutError, match='did not answer within timeout=7 s') as e:
+            run_in_group(fails, timeout=7)
+        assert e.value.__cause__ is error and 'pair.cc' not in str(e.value)
+    else:
+        with pytest.raises(type(error)) as e: run_in_group(fails, timeout=7)
+        assert e.value is error
+
+
+def test_launch_names_what_was_changed_in_the_notebook_but_not_exported(tmp_path, monkeypatch):
+    "The processes import exp.nb_07b: a definition of the notebook (here a module standing for __main__) that differs is named."
+    (tmp_path / 'a_notebook.py').write_text(
+        'from exp.nb_07b import *\n'
+        'def get_rank(): return dist.get_rank() if is_dist() else 0\n'                  # as exported
+        'def get_world_size(): return 2   # edited, not exported\n'
+        'class ShardSampler():\n    def set_epoch(self, epoch): self.epoch = epoch + 1\n'
+        'def my_helper(): pass\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import a_notebook
+    assert stale_names(a_notebook) == ['get_world_size', 'ShardSampler']
+    with pytest.warns(UserWarning, match='get_world_size, ShardSampler changed in this notebook but not in exp.nb_07b.*export'):
+        warn_if_stale(a_notebook)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        warn_if_stale()   # this test module defines nothing of exp.nb_07b
+
+
+def test_a_model_is_saved_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / 'w.pt'
+    path.write_text('the old weights')
+    def half_written(obj, f, *a, **k):
+        Path(f).write_text('half')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', half_written)
+    with pytest.raises(OSError, match='disk full'): save_model(nn.Linear(2, 2), path)
+    assert path.read_text() == 'the old weights' and [p.name for p in tmp_path.iterdir()] == ['w.pt']
+
+
+def test_the_example_script_checks_where_it_saves_before_training(tmp_path):
+    cmd = [sys.executable, str(ROOT / 'examples' / 'train_distributed.py'), '--items', '64', '--save', str(tmp_path / 'no' / 'w.pt')]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)})
+    assert out.returncode == 2 and '--save' in out.stderr and 'no such folder' in out.stderr, out.stderr[-2000:]
+    assert 'validation accuracy' not in out.stdout
+
+
+# --- uneven data and ranks that leave -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kind, words', [('counts', r'different numbers of training batches in epoch 0 \(rank 0 6, rank 1 5\)'),
+                                         ('empty', r'empty training batch at step 1 \(batch sizes: rank 0 4, rank 1 0\)')])
+def test_uneven_data_fails_at_once_on_every_rank(kind, words):
+    start = time.monotonic()
+    with pytest.raises(RankFailedError, match=r'^rank \d failed first: UnevenDataError: .*' + words):
+        launch(fit_workers, 2, args=([(an_epoch([DDPCallback], data=uneven_data(kind)),)],), timeout=120, threads=1)
+    assert time.monotonic() - start < 60   # not the 120 s of the timeout
+
+
+def test_a_rank_that_exits_with_status_0_is_named():
+    with pytest.raises(RankFailedError, match=r'^rank 1 failed first: its process ended \(exit status 0\) before `fn` returned'):
+        launch(leave_on_rank1, 2, timeout=60, threads=1)
+
+
+# --- the parent of launch: killed, terminated, interrupted --------------------------------------------------------
+
+def gone(pid):
+    "Whether process `pid` has ended (a zombie counts as ended: its parent is gone, init reaps it)."
+    try: return Path(f'/proc/{pid}/stat').read_text().split(') ')[1][0] in 'ZX'
+    except (FileNotFoundError, ProcessLookupError, IndexError): return True
+
+
+@pytest.mark.skipif(not Path('/proc/self/stat').exists(), reason='reads process states from /proc (Linux)')
+@pytest.mark.parametrize('how', ['SIGTERM', 'SIGKILL', 'SIGINT'])
+def test_the_workers_end_with_their_parent_and_leave_nothing(tmp_path, how):
+    tmp, pids = tmp_path / 'tmp', tmp_path / 'pids'
+    tmp.mkdir(), pids.mkdir()
+    script = f'from exp.nb_07b import launch\nimport dist_helpers\nlaunch(dist_helpers.note_pid_and_wait, 2, args=({str(pids)!r},), threads=1)'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TMPDIR': str(tmp), 'PYTHONPATH': f'{ROOT}{os.pathsep}{ROOT / "tests"}'}
+    parent = subprocess.Popen([sys.executable, '-c', script], env=env, cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline and parent.poll() is None: time.sleep(0.2)
+        workers = [int(p.read_text()) for p in pids.iterdir()]
+        assert len(workers) == 2, parent.communicate(timeout=10)
+        if how == 'SIGINT': os.killpg(parent.pid, signal.SIGINT)          # Ctrl-C in a terminal: the whole group
+        else: os.kill(parent.pid, getattr(signal, how))
+        out, err = parent.communicate(timeout=30)
+        deadline = time.monotonic() + 30
+        while not all(gone(w) for w in workers) and time.monotonic() < deadline: time.sleep(0.2)
+        assert all(gone(w) for w in workers)
+        assert list(tmp.iterdir()) == []                                   # launch's folder, no error files
+        if how == 'SIGINT':
+            assert err.count('Traceback') == 1 and 'KeyboardInterrupt: launch: interrupted; its 2 processes were stopped' in err
+            assert 'Process SpawnProcess' not in err, err
+    finally:
+        if parent.poll() is None: parent.kill()
