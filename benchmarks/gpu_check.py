@@ -7,8 +7,9 @@
 The parts:
   tests      the tests that skip without CUDA (a `skipif` mark whose reason names CUDA or a GPU), run on the GPU
   notebooks  every notebook in quick mode, `run_notebooks.py --quick --no-export`, saved into a temporary folder
-  epoch      an epoch of notebook 07's CNN (filters 8-16-32-64-64) at batch sizes 512 and 32, with nn.BatchNorm2d and
-             with RunningBatchNorm (the second epoch timed, synchronised), and the host-device syncs of one training step
+  epoch      an epoch of notebook 07's CNN (filters 8-16-32-64-64) at batch sizes 512 and 32, with nn.BatchNorm2d, with
+             RunningBatchNorm and with FastRunningBatchNorm (the second epoch timed, synchronised), and the host-device
+             syncs of one training step
   ddp        07b on every local GPU, one process each, with NCCL:
              torchrun --standalone --nproc_per_node=<GPUs> examples/train_distributed.py --epochs 1
 
@@ -161,16 +162,17 @@ def timed_epoch(data, norm):
 
 
 def part_epoch(args, logs):
-    "An epoch of 07's CNN with nn.BatchNorm2d and with RunningBatchNorm at batch sizes 32 and 512, and the syncs."
+    "An epoch of 07's CNN with nn.BatchNorm2d, RunningBatchNorm and FastRunningBatchNorm at batch sizes 512 and 32, and the syncs."
     need_cuda()
     import torch
     from bench import syncs_per_step
-    from exp.nb_07b import RunningBatchNorm
+    from exp.nb_07b import FastRunningBatchNorm, RunningBatchNorm
     rows = []
     for bs in (512, 32):
         data, what = mnist_data(bs)
         times = {}
-        for name, norm in (('nn.BatchNorm2d', torch.nn.BatchNorm2d), ('RunningBatchNorm', RunningBatchNorm)):
+        for name, norm in (('nn.BatchNorm2d', torch.nn.BatchNorm2d), ('RunningBatchNorm', RunningBatchNorm),
+                           ('FastRunningBatchNorm', FastRunningBatchNorm)):
             seconds, model = timed_epoch(data, norm)
             times[name] = seconds
             syncs = syncs_per_step(model, bs)

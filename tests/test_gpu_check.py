@@ -121,7 +121,7 @@ def test_the_epoch_part_times_both_norms_at_both_batch_sizes(monkeypatch, capsys
     monkeypatch.setattr(bench, 'syncs_per_step', lambda model, bs: models.append(model) or 0)
     rows = gc.part_epoch(None, None)
     assert [what for what, *_ in rows] == [f"epoch of 07's CNN, bs={bs}: {norm}" for bs in (512, 32)
-                                           for norm in ('nn.BatchNorm2d', 'RunningBatchNorm')]
+                                           for norm in ('nn.BatchNorm2d', 'RunningBatchNorm', 'FastRunningBatchNorm')]
     assert all(result == 'ok' and seconds > 0 for _, result, seconds, _ in rows)
     assert rows[1][3].startswith('2 steps of random images, ') and 'x nn.BatchNorm2d; 0 host-device syncs' in rows[1][3]
     convs = [m for m in models[0].modules() if isinstance(m, torch.nn.Conv2d)]
