@@ -7,13 +7,11 @@ from torch.nn import init
 def normalize_to(train, valid):
     "`train` and `valid` normalised with the mean and standard deviation of `train`."
     m, s = train.mean(), train.std()
+    if not s > 0: raise ValueError(f"normalize_to: the training set's standard deviation is {float(s)}, so there is nothing to normalise by: are all its values the same?")
     return normalize(train, m, s), normalize(valid, m, s)
 # %% nbs/06_cuda_cnn_hooks_init.ipynb cell 6
 class Lambda(nn.Module):
-    "A layer that applies `func`."
-    def __init__(self, func):
-        super().__init__()
-        self.func = func
+    def __init__(self, func): super().__init__(); self.func = func
     def forward(self, x): return self.func(x)
     def extra_repr(self): return getattr(self.func, '__name__', repr(self.func))
 
@@ -22,30 +20,26 @@ def mnist_resize(x): return x.view(-1, 1, 28, 28)
 # %% nbs/06_cuda_cnn_hooks_init.ipynb cell 13
 import warnings
 
-def default_device(): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+def default_device():
+    "The device to train on, picked in this one place: CUDA if there is one, else Apple's MPS, else the CPU."
+    return torch.device('cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu')
 
 class DeviceCallback(Callback):
-    "Moves the model to `device` (default: CUDA if present, else CPU) once per fit, and each batch as it arrives."
+    "Moves the model to `device` (default: `default_device()`) once per fit, and each batch as it arrives."
     _order = 1
     def __init__(self, device=None):
         self.device = torch.device(device) if device is not None else default_device()
-        if self.device.type == 'meta':
-            raise ValueError("DeviceCallback('meta'): the meta device keeps shapes but no values, so moving the model "
-                             "there would wipe its weights; train on 'cpu' or 'cuda'")
+        if self.device.type == 'meta': raise ValueError("DeviceCallback('meta'): the meta device keeps shapes but no values, so moving the model there would wipe its weights; train on 'cpu' or 'cuda'")
     def begin_fit(self): self.model.to(self.device)
     def begin_batch(self): self.run.xb, self.run.yb = self.xb.to(self.device, non_blocking=True), self.yb.to(self.device, non_blocking=True)
 
 class CudaCallback(DeviceCallback):
-    "The lesson's callback: model and batches on the GPU; without CUDA it warns once and uses the CPU."
-    warned = False
+    "The lesson's callback: model and batches on the GPU; without CUDA it warns (each time one is made) and uses `default_device()`."
     def __init__(self):
-        if not torch.cuda.is_available() and not CudaCallback.warned:
-            warnings.warn("CudaCallback: this machine has no CUDA device, so training runs on the CPU", stacklevel=2)
-            CudaCallback.warned = True
+        if not torch.cuda.is_available(): warnings.warn(f"CudaCallback: this machine has no CUDA device, so training runs on the {default_device().type.upper()}", stacklevel=2)
         super().__init__()
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 18
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 19
 class BatchTransformXCallback(Callback):
-    "Applies `tfm` to each batch of inputs, after it has reached its device."
     _order = 2
     def __init__(self, tfm): self.tfm = tfm
     def begin_batch(self): self.run.xb = self.tfm(self.xb)
@@ -55,11 +49,10 @@ def view_tfm(*size):
     return _inner
 
 mnist_view = view_tfm(1, 28, 28)
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 20
+
 def conv2d(ni, nf, ks=3, stride=2): return nn.Sequential(nn.Conv2d(ni, nf, ks, padding=ks // 2, stride=stride), nn.ReLU())
 
 def get_cnn_layers(data, nfs, layer, **kwargs):
-    "`layer`s with `nfs` filters (the first 5x5, the rest 3x3), then pooling, flatten and a linear layer to `data.c`."
     nfs = [1] + listify(nfs)
     return [layer(nfs[i], nfs[i + 1], 5 if i == 0 else 3, **kwargs) for i in range(len(nfs) - 1)] + [
         nn.AdaptiveAvgPool2d(1), Lambda(flatten), nn.Linear(nfs[-1], data.c)]
@@ -67,22 +60,33 @@ def get_cnn_layers(data, nfs, layer, **kwargs):
 def get_cnn_model(data, nfs, layer, **kwargs): return nn.Sequential(*get_cnn_layers(data, nfs, layer, **kwargs))
 
 def get_runner(model, data, lr=0.6, cbs=None, opt_func=None, loss_func=F.cross_entropy, stop_on_nan=True):
-    "A `Learner` for `model` (SGD at `lr` unless `opt_func`) and a `Runner` with `cbs` and, by default, `StopOnNanCallback`."
     learn = Learner(model, (opt_func or optim.SGD)(model.parameters(), lr=lr), loss_func, data)
     cbs = listify(cbs) + ([StopOnNanCallback] if stop_on_nan else [])
-    made = [cb for cb in cbs if isinstance(cb, Callback)]   # used as they are; classes and partials are called
-    return learn, Runner(cbs=made, cb_funcs=[cb for cb in cbs if not isinstance(cb, Callback)])
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 33
+    return learn, Runner(cbs=[cb for cb in cbs if isinstance(cb, Callback)], cb_funcs=[cb for cb in cbs if not isinstance(cb, Callback)])
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 32
 def children(m): return list(m.children())
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 40
+
+class Hook():
+    "Calls `f(hook, module, input, output)` after each forward pass of `m` until `remove()`."
+    def __init__(self, m, f): self.m, self.f, self.hook = m, f, m.register_forward_hook(self.hook_fn)
+    def hook_fn(self, mod, inp, outp):
+        if mod is self.m: self.f(self, mod, inp, outp)   # only `m`, not a deep copy of it; returns None: the output stays
+    def remove(self): self.hook.remove()
+    def __del__(self): self.remove()
+
+def append_stats(hook, mod, inp, outp):
+    if not hasattr(hook, 'stats'): hook.stats = ([], [])
+    means, stds = hook.stats
+    if mod.training:
+        means.append(outp.detach().mean())
+        stds .append(outp.detach().std())
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 38
 class ListContainer():
-    "A list indexed by an int, a slice, a list of ints or a boolean mask; short repr."
     def __init__(self, items): self.items = listify(items)
     def __getitem__(self, idx):
         if isinstance(idx, torch.Tensor): idx = idx.tolist()
         if isinstance(idx, (int, slice)): return self.items[idx]
-        idx = list(idx)
-        if idx and all(isinstance(i, bool) for i in idx):
+        if idx and isinstance(idx[0], bool):
             if len(idx) != len(self.items): raise IndexError(f"boolean mask of length {len(idx)} for a ListContainer of {len(self.items)} items")
             return [o for keep, o in zip(idx, self.items) if keep]
         return [self.items[i] for i in idx]
@@ -93,196 +97,59 @@ class ListContainer():
     def __repr__(self):
         res = f'{self.__class__.__name__} ({len(self)} items)\n{self.items[:10]}'
         return res[:-1] + '...]' if len(self) > 10 else res
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 46
-class StatsTape():
-    "Same-shaped tensors (or numbers) recorded one per step into one preallocated tensor on their device (doubled when full)."
-    def __init__(self): self.buf, self.n = None, 0
-    def append(self, x):
-        x = torch.as_tensor(x)
-        if self.buf is None or self.n == len(self.buf) or x.dtype != self.buf.dtype: self._grow(x)
-        self.buf[self.n] = x   # a copy on the device: nothing waits for it
-        self.n += 1
-    def _grow(self, x):
-        "A bigger buffer when full, of a wider dtype when `x` needs one (an int tape given a float becomes a float tape)."
-        dtype = x.dtype if self.buf is None else torch.promote_types(self.buf.dtype, x.dtype)
-        if self.buf is not None and self.n < len(self.buf) and dtype == self.buf.dtype: return
-        bigger = x.new_empty((max(64, 2 * self.n), *x.shape), dtype=dtype)
-        if self.n: bigger[:self.n] = self.buf[:self.n]
-        self.buf = bigger
-    def values(self): return self.buf[:self.n].float().cpu() if self.n else torch.zeros(0)   # one transfer
-    def __len__(self): return self.n
-    def __getitem__(self, i): return self.values()[i]
-    def __iter__(self): return iter(self.values())
-    def __array__(self, dtype=None, copy=None): return self.values().numpy()
-
-class TapeView(StatsTape):
-    "What `tape` recorded, read through `f`: values computed only when read."
-    def __init__(self, tape, f): self.tape, self.f = tape, f
-    def append(self, x): raise TypeError("a TapeView is read-only: append to the tape it reads")
-    def values(self): return self.f(self.tape.values()) if len(self.tape) else torch.zeros(0)
-    def __len__(self): return len(self.tape)
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 47
-import weakref
-
-class Hook():
-    "A forward hook on module `m` calling `f(hook, module, input, output)`; removed by `remove()` or when the Hook is dropped."
-    def __init__(self, m, f):
-        self.name = layer_name(m)
-        ref = weakref.ref(self)   # the module keeps only a weak reference: dropping the Hook removes it
-        self.hook = m.register_forward_hook(lambda mod, inp, outp: ref() and f(ref(), mod, inp, outp))
-    def remove(self):
-        if getattr(self, 'hook', None) is not None: self.hook.remove()
-        self.hook, self.scratch = None, {}   # scratch: work memory `f` may keep between calls
-    def __del__(self): self.remove()
-
-def layer_name(m):
-    "A short name for module `m`: `conv 1->8`, `linear 32->10`, `flatten`, or its parts joined by `+`."
-    if isinstance(m, nn.Conv2d): return f'conv {m.in_channels}->{m.out_channels}'
-    if isinstance(m, nn.Linear): return f'linear {m.in_features}->{m.out_features}'
-    if isinstance(m, Lambda): return m.extra_repr()
-    if isinstance(m, nn.Sequential): return ' + '.join(layer_name(l) for l in m)
-    return type(m).__name__
 
 class Hooks(ListContainer):
-    "One `Hook` per module of `ms`; a context manager that removes them all on exit."
-    def __init__(self, ms, f):
-        super().__init__([])
-        try:
-            for m in ms: self.items.append(Hook(m, f))
-        except BaseException:
-            self.remove()   # a half-built Hooks leaves nothing registered
-            raise
+    def __init__(self, ms, f): super().__init__([Hook(m, f) for m in ms])
     def __enter__(self, *args): return self
     def __exit__(self, *args): self.remove()
     def __del__(self): self.remove()
-    def __delitem__(self, i):
-        for h in listify(self[i]): h.remove()
-        super().__delitem__(i)
+    def __delitem__(self, i): self[i].remove(); super().__delitem__(i)
     def remove(self):
-        for h in getattr(self, 'items', []): h.remove()
-
-def output_tensor(mod, outp):
-    "The hooked module's output, detached, as float; a clear error if it is not one tensor (an LSTM returns a tuple)."
-    if not isinstance(outp, torch.Tensor):
-        raise TypeError(f"a telemetry hook on {layer_name(mod)} ({mod!r}) got a {type(outp).__name__}, not a tensor: hook "
-                        "a module whose output is a tensor (for an LSTM, a layer after it that takes its output[0])")
-    outp = outp.detach()
-    return outp if outp.dtype == torch.float32 else outp.float()
-
-def moments(x):
-    "Count, first value, and sum and sum of squares about it of all of `x`, as one tensor: one fast pass each, no host sync."
-    v = x.reshape(-1)
-    d = v - v[0]   # about a value of x: exact even when the mean is far from 0
-    return torch.stack([v.new_full((), v.numel()), v[0], d.sum(), torch.dot(d, d)])
-
-def means_stds(rows):
-    "Means and standard deviations from rows of `moments`, computed in float64."
-    n, c, s, ss = rows.double().unbind(-1)
-    return (c + s / n).float(), ((ss - s * s / n) / (n - 1)).clamp_min(0).sqrt().float()
-
-def mean_std(x): return means_stds(moments(x))
-
-def append_stats(hook, mod, inp, outp):
-    "Record the mean and std of `outp` at each training step: `ms, ss = hook.stats`."
-    if not hasattr(hook, 'stats'):
-        hook.moments = StatsTape()   # a row of `moments` per step; means and stds computed when read
-        hook.stats = (TapeView(hook.moments, lambda rows: means_stds(rows)[0]), TapeView(hook.moments, lambda rows: means_stds(rows)[1]))
-    if mod.training: hook.moments.append(moments(output_tensor(mod, outp)))
-
-def hook_stats(h):
-    "The `(means, stds, hists)` a hook recorded, as CPU tensors (empty where nothing was recorded)."
-    return tuple(t.values() for t in [*getattr(h, 'stats', (StatsTape(), StatsTape())), getattr(h, 'hists', StatsTape())])
-
-def check_recorded(hooks):
-    "`hooks` as a list; a clear error when there are none to plot."
-    hooks = list(hooks)
-    if not hooks: raise ValueError("nothing to plot: no hooks were given (ActivationStatsCallback makes its hooks when a fit begins: fit first)")
-    return hooks
-
-def plot_hooks_stats(hooks, n=None):
-    "Means and standard deviations recorded by each hook, over the first `n` (default all) training steps."
-    hooks = check_recorded(hooks)
-    fig, axs = plt.subplots(1, 2, figsize=(12, 3.5))
-    for i, h in enumerate(hooks):
-        ms, ss, _ = hook_stats(h)
-        label = f"{i}: {getattr(h, 'name', '')}" + ('' if len(ms) else ' (no steps recorded)')
-        axs[0].plot(ms[:n].numpy(), label=label); axs[1].plot(ss[:n].numpy())
-    steps = 'all training steps' if n is None else f'first {n} training steps'
-    for ax, title in zip(axs, ('activation means', 'activation stds')): ax.set(title=f'{title}, {steps}', xlabel='training step')
-    axs[0].legend(fontsize='small')
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 55
+        for h in self: h.remove()
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 50
 def init_cnn_(m, f):
-    "Initialise every convolution inside `m` with `f` (for a leak of 0.1), and zero its bias."
     if isinstance(m, nn.Conv2d):
         f(m.weight, a=0.1)
         if m.bias is not None: m.bias.data.zero_()
     for l in m.children(): init_cnn_(l, f)
 
 def init_cnn(m, uniform=False): init_cnn_(m, init.kaiming_uniform_ if uniform else init.kaiming_normal_)
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 57
-def histogram(x, bins, lo, hi, scratch=None):
-    "Counts of `x` in `bins` equal bins from `lo` to `hi`, as `x.histc(bins, lo, hi)` gives them; `scratch`: a dict to keep work memory in."
-    if x.device.type != 'cpu': return x.histc(bins, lo, hi)   # fast on a GPU, and no sync (see Under the hood)
-    v, scale = x.reshape(-1), bins / (hi - lo)
-    if scratch is None: scratch = {}
-    if scratch.get('n') != v.numel() or scratch.get('lo') != (lo, scale):
-        scratch.update(n=v.numel(), lo=(lo, scale), t=torch.empty_like(v), idx=torch.empty_like(v, dtype=torch.int32),
-                       offset=torch.tensor(1 - lo * scale))
-    t = torch.add(scratch['offset'], v, alpha=scale, out=scratch['t']).clamp_(0, bins + 1)   # bin k spans [k + 1, k + 2)
-    idx = scratch['idx'].copy_(t).clamp_(0, bins + 1)   # 0: below lo (and NaN), bins + 1: hi and above
-    return torch.bincount(idx, minlength=bins + 2)[1:bins + 1]
-
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 52
 def append_hist(hook, mod, inp, outp, hist_range=(0, 10), bins=40):
-    "Record a `bins`-bin histogram of `outp` over `hist_range` at each training step, in `hook.hists`."
-    if not hasattr(hook, 'hists'): hook.hists, hook.hist_range, hook.scratch = StatsTape(), hist_range, {}
-    if mod.training: hook.hists.append(histogram(output_tensor(mod, outp), bins, *hist_range, hook.scratch))
+    if not hasattr(hook, 'hists'): hook.hists, hook.hist_range = [], hist_range
+    if mod.training: hook.hists.append(outp.detach().float().cpu().histc(bins, *hist_range))
 
-def append_stats_and_hist(hook, mod, inp, outp, hist_range=(0, 10), bins=40):
-    "`append_stats` and `append_hist` in one: one row per step (moments, then histogram) that `hook.stats` and `hook.hists` read."
-    if not hasattr(hook, 'stats'):
-        hook.rows, hook.hist_range, hook.scratch = StatsTape(), hist_range, {}
-        hook.stats = (TapeView(hook.rows, lambda rows: means_stds(rows[:, :4])[0]), TapeView(hook.rows, lambda rows: means_stds(rows[:, :4])[1]))
-        hook.hists = TapeView(hook.rows, lambda rows: rows[:, 4:])
-    if not mod.training: return
-    x = output_tensor(mod, outp)
-    hook.rows.append(torch.cat([moments(x), histogram(x, bins, *hist_range, hook.scratch)]))   # one float row
+def append_stats_and_hist(hook, *args, **kwargs): append_stats(hook, *args); append_hist(hook, *args, **kwargs)
 
-def get_hist(h): return hook_stats(h)[2].t().log1p()   # bins (rows) by training steps (columns), log scale
+def get_hist(h): return torch.stack(h.hists).t().log1p()   # bins (rows) by training steps (columns), log scale
 
-def plot_hists(hooks, title=''):
-    "One panel per hook: training steps left to right, activation values bottom to top, colour log(1 + count)."
-    hooks = check_recorded(hooks)
+def plot_hooks_stats(hooks, n=None):
+    "Means and standard deviations recorded by each hook, over the first `n` (default all) training steps."
+    fig, axs = plt.subplots(1, 2, figsize=(12, 3.5))
+    for i, h in enumerate(hooks):
+        for ax, xs in zip(axs, h.stats[:2]): ax.plot(torch.stack(xs[:n]), label=f'layer {i}')
+    for ax, title in zip(axs, ('means', 'stds')): ax.set(title=f"activation {title}, {'all' if n is None else f'first {n}'} training steps", xlabel='training step')
+    axs[0].legend(fontsize='small')
+
+def plot_panels(hooks, draw, title='', ylabel=None):
     fig, axes = plt.subplots(1, len(hooks), figsize=(3.6 * len(hooks), 3), squeeze=False)
     for i, (ax, h) in enumerate(zip(axes[0], hooks)):
-        hist, (lo, hi) = get_hist(h), getattr(h, 'hist_range', (0, 10))
-        ax.set(title=f"{i}: {getattr(h, 'name', '')}", xlabel='training step', ylabel='activation' if i == 0 else None)
-        if hist.numel():
-            im = ax.imshow(hist.numpy(), origin='lower', aspect='auto', extent=(0, hist.shape[1], lo, hi))
-            fig.colorbar(im, ax=ax, label='log(1 + count)' if i == len(hooks) - 1 else None)
-        else: ax.text(0.5, 0.5, 'no steps recorded', ha='center', transform=ax.transAxes)
+        draw(ax, h)
+        ax.set(title=f'layer {i}', xlabel='training step', ylabel=ylabel if i == 0 else None)
     fig.suptitle(title); plt.tight_layout()
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 62
+
+def plot_hists(hooks, title=''):
+    plot_panels(hooks, lambda ax, h: ax.imshow(get_hist(h), origin='lower', aspect='auto', extent=(0, len(h.hists), *h.hist_range)), title, 'activation')
+
 def get_min(h, near_zero=slice(0, 2)):
-    "Share of each step's histogram in the bins `near_zero` (default: the two lowest); 0 at a step whose histogram is empty."
-    h1 = hook_stats(h)[2].t()
-    if not h1.numel(): return torch.zeros(0)
+    "Share of each step's histogram in the bins `near_zero` (default: the two lowest)."
+    h1 = torch.stack(h.hists).t()
     return h1[near_zero].sum(0) / h1.sum(0).clamp_min(1)
 
 def plot_mins(hooks, near_zero=slice(0, 2), title=''):
-    "One panel per hook: the share of activations in the bins `near_zero` at each training step."
-    hooks = check_recorded(hooks)
-    fig, axes = plt.subplots(1, len(hooks), figsize=(3 * len(hooks), 3), squeeze=False)
-    for i, (ax, h) in enumerate(zip(axes[0], hooks)):
-        mins, hists = get_min(h, near_zero), hook_stats(h)[2]
-        empty = int((hists.sum(1) == 0).sum()) if hists.numel() else 0
-        ax.plot(mins.numpy())
-        ax.set(ylim=(0, 1), xlabel='training step', ylabel='share near zero' if i == 0 else None,
-               title=f"{i}: {getattr(h, 'name', '')}" + (f'\n({empty} steps: nothing in range)' if empty else ''))
-        if not len(mins): ax.text(0.5, 0.5, 'no steps recorded', ha='center', transform=ax.transAxes)
-    fig.suptitle(title); plt.tight_layout()
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 67
+    plot_panels(hooks, lambda ax, h: (ax.plot(get_min(h, near_zero)), ax.set_ylim(0, 1)), title, 'share near zero')
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 62
 class GeneralRelu(nn.Module):
-    "ReLU, or leaky ReLU with slope `leak`, minus `sub`, clamped at `maxv` (each optional)."
     def __init__(self, leak=None, sub=None, maxv=None):
         super().__init__()
         self.leak, self.sub, self.maxv = leak, sub, maxv
@@ -297,35 +164,21 @@ def conv_layer(ni, nf, ks=3, stride=2, **kwargs):
     return nn.Sequential(nn.Conv2d(ni, nf, ks, padding=ks // 2, stride=stride), GeneralRelu(**kwargs))
 
 def get_learn_run(nfs, data, lr, layer, cbs=None, opt_func=None, uniform=False, init=None, **kwargs):
-    "A CNN of `layer`s (each gets `**kwargs`), initialised by `init(model)` (default: `init_cnn`), with its learner and runner."
     model = get_cnn_model(data, nfs, layer, **kwargs)
     init_cnn(model, uniform=uniform) if init is None else init(model)
     return get_runner(model, data, lr=lr, cbs=cbs, opt_func=opt_func)
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 74
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 69
 class ActivationStatsCallback(Callback):
-    "Records `append_stats_and_hist` for each module of `modules(model)` (default: its children) during each fit."
-    _order = -1   # first in every event: its after_fit runs before any other can fail (see Under the hood)
-    def __init__(self, modules=children, hist_range=(0, 10), bins=40):
-        self.modules, self.hooks = modules, Hooks([], None)
-        self.record = partial(append_stats_and_hist, hist_range=hist_range, bins=bins)
-    def begin_fit(self):
-        self.hooks.remove()
-        self.hooks = Hooks(self.modules(self.model), self.record)
+    "Hooks each module of `modules(model)` (default: its children) with `append_stats_and_hist` during each fit."
+    def __init__(self, modules=children, hist_range=(0, 10)): self.modules, self.hist_range, self.hooks = modules, hist_range, Hooks([], None)
+    def begin_fit(self): self.hooks = Hooks(self.modules(self.model), partial(append_stats_and_hist, hist_range=self.hist_range))
     def after_fit(self): self.hooks.remove()
-    def recorded(self):
-        "The hooks of the last fit; a clear error before any fit."
-        if not len(self.hooks): raise ValueError("ActivationStatsCallback has recorded nothing yet: it hooks the model when a fit begins; run a fit with it first")
-        return self.hooks
-    def plot_stats(self, n=None): plot_hooks_stats(self.recorded(), n)
-    def plot_hists(self, title=''): plot_hists(self.recorded(), title)
-    def plot_mins(self, near_zero=slice(0, 2), title=''): plot_mins(self.recorded(), near_zero, title)
 
 from exp.nb_05c import __all__ as _nb_05c_all
 __all__ = [*_nb_05c_all, 'init', 'normalize_to', 'Lambda', 'flatten', 'mnist_resize',
            'default_device', 'DeviceCallback', 'CudaCallback', 'BatchTransformXCallback',
            'view_tfm', 'mnist_view', 'conv2d', 'get_cnn_layers', 'get_cnn_model', 'get_runner',
-           'children', 'ListContainer', 'StatsTape', 'TapeView', 'Hook', 'layer_name', 'Hooks',
-           'output_tensor', 'moments', 'means_stds', 'mean_std', 'append_stats', 'hook_stats',
-           'check_recorded', 'plot_hooks_stats', 'init_cnn_', 'init_cnn', 'histogram',
-           'append_hist', 'append_stats_and_hist', 'get_hist', 'plot_hists', 'get_min', 'plot_mins',
-           'GeneralRelu', 'conv_layer', 'get_learn_run', 'ActivationStatsCallback']
+           'children', 'Hook', 'append_stats', 'ListContainer', 'Hooks', 'init_cnn_', 'init_cnn',
+           'append_hist', 'append_stats_and_hist', 'get_hist', 'plot_hooks_stats', 'plot_panels',
+           'plot_hists', 'get_min', 'plot_mins', 'GeneralRelu', 'conv_layer', 'get_learn_run',
+           'ActivationStatsCallback']

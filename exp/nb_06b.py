@@ -2,6 +2,290 @@
 
 # %% nbs/06b_telemetry.ipynb cell 1
 from exp.nb_06 import *
+import warnings, weakref
+# %% nbs/06b_telemetry.ipynb cell 11
+class StatsTape():
+    "Same-shaped tensors (or numbers) recorded one per step into one preallocated tensor on their device (doubled when full)."
+    def __init__(self): self.buf, self.n = None, 0
+    def append(self, x):
+        x = torch.as_tensor(x)
+        if self.buf is None or self.n == len(self.buf) or x.dtype != self.buf.dtype: self._grow(x)
+        self.buf[self.n] = x   # a copy on the device: nothing waits for it
+        self.n += 1
+    def _grow(self, x):
+        "A bigger buffer when full, of a wider dtype when `x` needs one (an int tape given a float becomes a float tape)."
+        dtype = x.dtype if self.buf is None else torch.promote_types(self.buf.dtype, x.dtype)
+        if self.buf is not None and self.n < len(self.buf) and dtype == self.buf.dtype: return
+        bigger = x.new_empty((max(64, 2 * self.n), *x.shape), dtype=dtype)
+        if self.n: bigger[:self.n] = self.buf[:self.n]
+        self.buf = bigger
+    def values(self): return self.buf[:self.n].float().cpu() if self.n else torch.zeros(0)   # one transfer
+    def __len__(self): return self.n
+    def __getitem__(self, i): return self.values()[i]
+    def __iter__(self): return iter(self.values())
+    def __array__(self, dtype=None, copy=None): return self.values().numpy()
+
+class TapeView(StatsTape):
+    "What `tape` recorded, read through `f`: values computed only when read."
+    def __init__(self, tape, f): self.tape, self.f = tape, f
+    def append(self, x): raise TypeError("a TapeView is read-only: append to the tape it reads")
+    def values(self): return self.f(self.tape.values()) if len(self.tape) else torch.zeros(0)
+    def __len__(self): return len(self.tape)
+# %% nbs/06b_telemetry.ipynb cell 13
+def layer_name(m):
+    "A short name for module `m`: `conv 1->8`, `linear 32->10`, `flatten`, or its parts joined by `+`."
+    if isinstance(m, nn.Conv2d): return f'conv {m.in_channels}->{m.out_channels}'
+    if isinstance(m, nn.Linear): return f'linear {m.in_features}->{m.out_features}'
+    if isinstance(m, Lambda): return m.extra_repr()
+    if isinstance(m, nn.Sequential): return ' + '.join(layer_name(l) for l in m)
+    return type(m).__name__
+
+def output_tensor(mod, outp):
+    "The hooked module's output, detached, as float32; a clear error if it is not one tensor (an LSTM returns a tuple)."
+    if not isinstance(outp, torch.Tensor):
+        raise TypeError(f"a telemetry hook on {layer_name(mod)} ({mod!r}) got a {type(outp).__name__}, not a tensor: hook "
+                        "a module whose output is a tensor (for an LSTM, a layer after it that takes its output[0])")
+    outp = outp.detach()
+    return outp if outp.dtype == torch.float32 else outp.float()
+
+def moments(x):
+    "Count, first value, and sum and sum of squares about it, of all of `x`, as one float32 tensor: one pass each, no host sync."
+    v = x.reshape(-1).float()
+    d = v - v[0]   # about a value of x: accurate even when the mean is far from 0
+    return torch.stack([v.new_full((), v.numel()), v[0], d.sum(), torch.dot(d, d)])
+
+def means_stds(rows):
+    "Means and standard deviations from rows of `moments`, in float32: a dtype every device has (MPS has no float64)."
+    n, c, s, ss = rows.float().unbind(-1)
+    return c + s / n, ((ss - s * s / n) / (n - 1)).clamp_min(0).sqrt()
+
+def mean_std(x): return means_stds(moments(x))
+# %% nbs/06b_telemetry.ipynb cell 15
+def check_range(hist_range):
+    "`hist_range` as `(lo, hi)`; a clear error unless `lo < hi`."
+    lo, hi = hist_range
+    if not lo < hi: raise ValueError(f"hist_range=({lo}, {hi}): the low end comes first and must be below the high end, as in (0, 10); an inverted range would flip the histogram")
+    return lo, hi
+
+def bincount_histogram(x, bins, lo, hi, scratch=None):
+    "Counts of `x` in `bins` equal bins from `lo` to `hi`, as `histc` gives them, in one pass; `scratch`: a dict to keep work memory in."
+    v, scale = x.reshape(-1), bins / (hi - lo)
+    if scratch is None: scratch = {}
+    if scratch.get('n') != v.numel() or scratch.get('lo') != (lo, scale) or scratch['t'].device != v.device:
+        scratch.update(n=v.numel(), lo=(lo, scale), t=torch.empty_like(v), idx=torch.empty_like(v, dtype=torch.int32),
+                       offset=torch.tensor(1 - lo * scale, device=v.device))
+    t = torch.add(scratch['offset'], v, alpha=scale, out=scratch['t']).clamp_(0, bins + 1)   # bin k spans [k + 1, k + 2)
+    idx = scratch['idx'].copy_(t).clamp_(0, bins + 1)   # 0: below lo (and NaN), bins + 1: hi and above
+    return torch.bincount(idx, minlength=bins + 2)[1:bins + 1]
+
+def sorted_histogram(x, bins, lo, hi, scratch=None):
+    "As `histc`, from the sorted values and the bin edges: deterministic on CUDA, where `histc` is not, and no host sync."
+    v = x.reshape(-1).sort().values
+    edges = torch.linspace(lo, hi, bins + 1, device=v.device, dtype=v.dtype)
+    below = torch.searchsorted(v, edges)   # how many values lie below each edge
+    below[-1] = torch.searchsorted(v, edges[-1:], right=True)[0]   # the last bin includes `hi`, as in histc
+    return below.diff()
+
+def histc_histogram(x, bins, lo, hi, scratch=None): return x.histc(bins, lo, hi)
+
+def histogram_fn(x):
+    "The histogram for `x`'s device: `histc` on CUDA (sorted values when deterministic algorithms are on), one `bincount` pass elsewhere."
+    if x.device.type != 'cuda': return bincount_histogram
+    return sorted_histogram if torch.are_deterministic_algorithms_enabled() else histc_histogram
+
+def histogram(x, bins, lo, hi, scratch=None):
+    "Counts of `x` in `bins` equal bins from `lo` to `hi`, with the op that suits `x`'s device."
+    check_range((lo, hi))
+    return histogram_fn(x)(x, bins, lo, hi, scratch)
+# %% nbs/06b_telemetry.ipynb cell 17
+class Hook():
+    "A forward hook on `m` (not on copies of it) calling `f(hook, module, input, output)`; removed by `remove()` or when the Hook is dropped."
+    def __init__(self, m, f):
+        if not isinstance(m, nn.Module): raise TypeError(f"Hook: {m!r} is not a module (an nn.Module): hook a layer of the model")
+        self.name, self.f, self.scratch = layer_name(m), f, {}   # scratch: work memory `f` may keep between calls
+        hook_ref, module_ref = weakref.ref(self), weakref.ref(m)   # the module keeps only weak references: dropping the Hook removes it
+        def hook_fn(mod, inp, outp):
+            hook = hook_ref()
+            if hook is not None and mod is module_ref(): hook.f(hook, mod, inp, outp)   # only `m`; returns None: the output stays
+        self.hook = m.register_forward_hook(hook_fn)
+    def remove(self):
+        if getattr(self, 'hook', None) is not None: self.hook.remove()
+        self.hook, self.scratch = None, {}
+    def __del__(self): self.remove()
+
+class Hooks(ListContainer):
+    "One `Hook` per module of `ms`; a context manager that removes them all on exit; a half-built one leaves none."
+    def __init__(self, ms, f):
+        super().__init__([])
+        try:
+            for m in ms: self.items.append(Hook(m, f))
+        except BaseException:
+            self.remove()
+            raise
+    def __enter__(self, *args): return self
+    def __exit__(self, *args): self.remove()
+    def __del__(self): self.remove()
+    def __delitem__(self, i):
+        for h in listify(self[i]): h.remove()
+        super().__delitem__(i)
+    def remove(self):
+        for h in getattr(self, 'items', []): h.remove()
+# %% nbs/06b_telemetry.ipynb cell 19
+def append_stats(hook, mod, inp, outp):
+    "Record the mean and std of `outp` at each training call, as a row of `moments` kept on the device: `ms, ss = hook.stats`."
+    if not hasattr(hook, 'stats'):
+        hook.moments = StatsTape()   # means and stds computed when read
+        hook.stats = (TapeView(hook.moments, lambda rows: means_stds(rows)[0]), TapeView(hook.moments, lambda rows: means_stds(rows)[1]))
+    if mod.training: hook.moments.append(moments(output_tensor(mod, outp)))
+
+def append_hist(hook, mod, inp, outp, hist_range=(0, 10), bins=40):
+    "Record a `bins`-bin histogram of `outp` over `hist_range` at each training call, kept on the device in `hook.hists`."
+    if not hasattr(hook, 'hists'): hook.hists, hook.hist_range = StatsTape(), check_range(hist_range)
+    if mod.training: hook.hists.append(histogram(output_tensor(mod, outp), bins, *hist_range, getattr(hook, 'scratch', None)))
+
+def append_stats_and_hist(hook, mod, inp, outp, hist_range=(0, 10), bins=40):
+    "`append_stats` and `append_hist` in one: one row per call (moments, then histogram) that `hook.stats` and `hook.hists` read."
+    if not hasattr(hook, 'stats'):
+        hook.rows, hook.hist_range = StatsTape(), check_range(hist_range)
+        hook.stats = (TapeView(hook.rows, lambda rows: means_stds(rows[:, :4])[0]), TapeView(hook.rows, lambda rows: means_stds(rows[:, :4])[1]))
+        hook.hists = TapeView(hook.rows, lambda rows: rows[:, 4:])
+    if not mod.training: return
+    x = output_tensor(mod, outp)
+    hook.rows.append(torch.cat([moments(x), histogram(x, bins, *hist_range, getattr(hook, 'scratch', None)).float()]))
+
+def hook_stats(h):
+    "The `(means, stds, hists)` a hook recorded, as CPU tensors (empty where nothing was recorded)."
+    return tuple(stack_rows(t) for t in [*getattr(h, 'stats', ([], [])), getattr(h, 'hists', [])])
+
+def stack_rows(xs):
+    "A tape's values, or a list of tensors (the lesson's hooks) stacked, as one CPU tensor."
+    if isinstance(xs, StatsTape): return xs.values()
+    return torch.stack(list(xs)).float().cpu() if len(xs) else torch.zeros(0)
+
+def check_recorded(hooks):
+    "`hooks` as a list; a clear error when there are none to plot."
+    hooks = list(hooks)
+    if not hooks: raise ValueError("nothing to plot: no hooks were given (ActivationStatsCallback makes its hooks when a fit begins: fit first)")
+    return hooks
+
+def get_hist(h): return hook_stats(h)[2].t().log1p()   # bins (rows) by calls (columns), log scale
+
+def get_min(h, near_zero=slice(0, 2)):
+    "Share of each call's histogram in the bins `near_zero` (default: the two lowest); 0 where the histogram is empty."
+    h1 = hook_stats(h)[2].t()
+    if not h1.numel(): return torch.zeros(0)
+    return h1[near_zero].sum(0) / h1.sum(0).clamp_min(1)
+
+def calls_per_step(h):
+    "How many rows `h` recorded per training step: 1 unless the `ActivationStatsCallback` that made it counted otherwise."
+    steps, calls = getattr(h, 'steps', 0), len(hook_stats(h)[0]) or len(hook_stats(h)[2])
+    return calls / steps if steps and calls else 1
+
+def step_axis(h, n_rows):
+    "The training step of each of a hook's `n_rows` rows, and the label that says what a row is."
+    k = calls_per_step(h)
+    return torch.arange(n_rows) / k, 'training step' if k == 1 else f'training step ({k:g} calls per step)'
+
+def hook_label(i, h): return f"{i}: {getattr(h, 'name', '')}"
+
+def plot_hooks_stats(hooks, n=None):
+    "Means and standard deviations recorded by each hook, over the first `n` (default all) training steps."
+    hooks = check_recorded(hooks)
+    fig, axs = plt.subplots(1, 2, figsize=(12, 3.5))
+    for i, h in enumerate(hooks):
+        ms, ss, _ = hook_stats(h)
+        x, xlabel = step_axis(h, len(ms))
+        keep = x < n if n is not None else slice(None)
+        k = calls_per_step(h)
+        label = hook_label(i, h) + ('' if len(ms) else ' (no steps recorded)') + ('' if k == 1 else f' ({k:g} calls per step)')
+        axs[0].plot(x[keep].numpy(), ms[keep].numpy(), label=label); axs[1].plot(x[keep].numpy(), ss[keep].numpy())
+    steps = 'all training steps' if n is None else f'first {n} training steps'
+    for ax, title in zip(axs, ('activation means', 'activation stds')): ax.set(title=f'{title}, {steps}', xlabel='training step')
+    axs[0].legend(fontsize='small')
+
+def plot_hists(hooks, title=''):
+    "One panel per hook: training steps left to right, activation values bottom to top, colour log(1 + count)."
+    hooks = check_recorded(hooks)
+    fig, axes = plt.subplots(1, len(hooks), figsize=(3.6 * len(hooks), 3), squeeze=False)
+    for i, (ax, h) in enumerate(zip(axes[0], hooks)):
+        hist, (lo, hi) = get_hist(h), getattr(h, 'hist_range', (0, 10))
+        ax.set(title=hook_label(i, h), xlabel=step_axis(h, 0)[1], ylabel='activation' if i == 0 else None)
+        if hist.numel():
+            im = ax.imshow(hist.numpy(), origin='lower', aspect='auto', extent=(0, hist.shape[1] / calls_per_step(h), lo, hi))
+            fig.colorbar(im, ax=ax, label='log(1 + count)' if i == len(hooks) - 1 else None)
+        else: ax.text(0.5, 0.5, 'no steps recorded', ha='center', transform=ax.transAxes)
+    fig.suptitle(title); plt.tight_layout()
+
+def plot_mins(hooks, near_zero=slice(0, 2), title=''):
+    "One panel per hook: the share of activations in the bins `near_zero` at each training step."
+    hooks = check_recorded(hooks)
+    fig, axes = plt.subplots(1, len(hooks), figsize=(3 * len(hooks), 3), squeeze=False)
+    for i, (ax, h) in enumerate(zip(axes[0], hooks)):
+        mins, hists = get_min(h, near_zero), hook_stats(h)[2]
+        empty = int((hists.sum(1) == 0).sum()) if hists.numel() else 0
+        x, xlabel = step_axis(h, len(mins))
+        ax.plot(x.numpy(), mins.numpy())
+        ax.set(ylim=(0, 1), xlabel=xlabel, ylabel='share near zero' if i == 0 else None,
+               title=hook_label(i, h) + (f'\n({empty} steps: nothing in range)' if empty else ''))
+        if not len(mins): ax.text(0.5, 0.5, 'no steps recorded', ha='center', transform=ax.transAxes)
+    fig.suptitle(title); plt.tight_layout()
+# %% nbs/06b_telemetry.ipynb cell 21
+class ActivationStatsCallback(Callback):
+    "Records `append_stats_and_hist` for each module of `modules(model)` (default: its children) during each fit; its plots as methods."
+    _order = -1   # first in every event: its after_fit runs before any other can fail
+    def __init__(self, modules=children, hist_range=(0, 10), bins=40):
+        self.modules, self.hooks = modules, Hooks([], None)
+        self.record = partial(append_stats_and_hist, hist_range=check_range(hist_range), bins=bins)
+    def begin_fit(self):
+        self.hooks.remove()
+        self.hooks, self.steps = Hooks(self.modules(self.model), self.record), 0
+    def after_pred(self):
+        if self.in_train: self.steps += 1
+    def after_fit(self):
+        self.hooks.remove()
+        for h in self.hooks:
+            h.steps, calls = self.steps, len(getattr(h, 'rows', ()))
+            if calls and calls != self.steps:
+                warnings.warn(f"ActivationStatsCallback: {h.name} ran {calls} times in {self.steps} training steps, so its telemetry "
+                              f"has {calls / self.steps:g} rows per step (one per call); the plots put them at their steps", stacklevel=2)
+    def recorded(self):
+        "The hooks of the last fit; a clear error before any fit."
+        if not len(self.hooks): raise ValueError("ActivationStatsCallback has recorded nothing yet: it hooks the model when a fit begins; run a fit with it first")
+        return self.hooks
+    def plot_stats(self, n=None): plot_hooks_stats(self.recorded(), n)
+    def plot_hists(self, title=''): plot_hists(self.recorded(), title)
+    def plot_mins(self, near_zero=slice(0, 2), title=''): plot_mins(self.recorded(), near_zero, title)
+# %% nbs/06b_telemetry.ipynb cell 29
+import importlib.util
+
+def plot_layer(hooks, layer=0, steps=(0, None)):
+    "The means, stds and histograms one hook of `hooks` recorded, over the training calls `steps[0]` to `steps[1]`."
+    h = check_recorded(hooks)[layer]
+    (ms, ss, hists), keep = hook_stats(h), slice(*steps)
+    x, xlabel = step_axis(h, len(ms) or len(hists))
+    fig, axs = plt.subplots(1, 3, figsize=(15, 3.2))
+    for ax, ys, title in zip(axs, (ms, ss), ('mean', 'std')): ax.plot(x[keep].numpy(), ys[keep].numpy()); ax.set(title=f'{hook_label(layer, h)}: {title}', xlabel=xlabel)
+    if hists[keep].numel():
+        lo, hi = getattr(h, 'hist_range', (0, 10))
+        axs[2].imshow(hists[keep].t().log1p().numpy(), origin='lower', aspect='auto', extent=(float(x[keep][0]), float(x[keep][-1]) + 1 / calls_per_step(h), lo, hi))
+    axs[2].set(title='histograms, log(1 + count)', xlabel=xlabel, ylabel='activation')
+    plt.tight_layout()
+
+def explore_telemetry(hooks):
+    "`plot_layer` for layer 0 and every step, as a plain figure (what a saved notebook keeps); in a notebook kernel with ipywidgets, sliders over layer and steps below it."
+    hooks = check_recorded(hooks)
+    n = max(max(len(hook_stats(h)[0]), len(hook_stats(h)[2])) for h in hooks)
+    plot_layer(hooks); plt.show()
+    if not in_notebook() or importlib.util.find_spec('ipywidgets') is None: return
+    import ipywidgets
+    ipywidgets.interact(partial(plot_layer, hooks), layer=ipywidgets.IntSlider(0, 0, len(hooks) - 1, description='layer'),
+                        steps=ipywidgets.IntRangeSlider(value=(0, n), min=0, max=n, description='calls'))
 
 from exp.nb_06 import __all__ as _nb_06_all
-__all__ = [*_nb_06_all]
+__all__ = [*_nb_06_all, 'warnings', 'weakref', 'StatsTape', 'TapeView', 'layer_name',
+           'output_tensor', 'moments', 'means_stds', 'mean_std', 'check_range',
+           'bincount_histogram', 'sorted_histogram', 'histc_histogram', 'histogram_fn', 'histogram',
+           'Hook', 'Hooks', 'append_stats', 'append_hist', 'append_stats_and_hist', 'hook_stats',
+           'stack_rows', 'check_recorded', 'get_hist', 'get_min', 'calls_per_step', 'step_axis',
+           'hook_label', 'plot_hooks_stats', 'plot_hists', 'plot_mins', 'ActivationStatsCallback',
+           'plot_layer', 'explore_telemetry']

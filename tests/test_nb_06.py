@@ -1,4 +1,5 @@
-"""Behaviour of nb_06: device and batch-transform callbacks, the CNN, hooks and telemetry, init, GeneralRelu."""
+"""Behaviour of nb_06, the lesson's module: device and batch-transform callbacks, the CNN, the lesson's hooks and
+telemetry (lists and `histc`), init, GeneralRelu. The improved telemetry of 06b is tested in test_nb_06b.py."""
 import gc
 import math
 from functools import partial
@@ -10,11 +11,10 @@ from torch import nn
 
 from exp.nb_06 import (ActivationStatsCallback, AvgStatsCallback, BatchTransformXCallback, CancelTrainException,
                        Callback, CudaCallback, DataBunch, Dataset, DeviceCallback, GeneralRelu, Hook, Hooks,
-                       Lambda, ListContainer, Recorder, StopOnNanCallback, accuracy, append_stats, children,
-                       conv2d, conv_layer, default_device, flatten, get_cnn_layers, get_cnn_model, get_dls,
-                       get_hist, get_learn_run, get_min, get_runner, hook_stats, init_cnn, mnist_resize,
-                       mnist_view, normalize_to, view_tfm, StatsTape, append_hist, append_stats_and_hist,
-                       histogram, layer_name, mean_std, moments, plot_hists, plot_hooks_stats, plot_mins)
+                       Lambda, ListContainer, Recorder, StopOnNanCallback, accuracy, append_hist, append_stats,
+                       append_stats_and_hist, children, conv2d, conv_layer, default_device, flatten, get_cnn_layers,
+                       get_cnn_model, get_dls, get_hist, get_learn_run, get_min, get_runner, init_cnn, mnist_resize,
+                       mnist_view, normalize_to, plot_hists, plot_hooks_stats, plot_mins, view_tfm)
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU; this machine has none')
 NFS = [4, 8]
@@ -30,6 +30,18 @@ def image_bunch(n_train=40, n_valid=20, bs=8, seed=0):
 
 def forward_hook_count(model):
     return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def cbfs(): return [Recorder, partial(AvgStatsCallback, accuracy), DeviceCallback, partial(BatchTransformXCallback, mnist_view)]
+
+
+@pytest.fixture
+def plt_agg():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    yield plt
+    plt.close('all')
 
 
 # --- small pieces --------------------------------------------------------------------------------
@@ -108,72 +120,11 @@ def test_append_stats_values_on_a_known_input():
     h = Hook(lin, append_stats)
     x = torch.tensor([[-1., 0.5, 2., 9.5, 20.]])
     lin(x)
-    ms, ss = h.stats   # the lesson's unpacking: means and standard deviations
-    assert torch.allclose(ms[:10], x.mean().view(1)) and torch.allclose(ss[:10], x.std().view(1))
-    assert ms[:10].device.type == 'cpu' and list(ms) == [x.mean()]
+    ms, ss = h.stats   # the lesson's unpacking: lists of means and standard deviations, one per step
+    assert ms == [x.mean()] and ss == [x.std()]
     lin.eval(); lin(x)  # not recorded outside training
     assert len(h.stats[0]) == 1
     h.remove()
-
-
-def test_append_hist_records_histograms_apart_from_the_stats():
-    lin = nn.Identity()
-    x = torch.tensor([[-1., 0.5, 2., 9.5, 20.]])
-    h = Hook(lin, append_stats_and_hist)
-    lin(x)
-    means, stds, hists = hook_stats(h)
-    assert torch.equal(hists[0], x.histc(40, 0, 10)) and hists[0].sum() == 3  # -1 and 20 are outside [0, 10]
-    assert len(h.stats) == 2 and len(h.hists) == 1
-    wide = Hook(lin, partial(append_hist, hist_range=(-7, 7), bins=14))
-    lin(x)
-    assert torch.equal(wide.hists[0], x.histc(14, -7, 7)) and not hasattr(wide, 'stats')
-
-
-def test_hook_stats_with_no_steps_gives_empty_tensors():
-    h = Hook(nn.Identity(), append_stats)
-    assert [t.shape for t in hook_stats(h)] == [(0,), (0,), (0,)]   # nothing recorded yet: no crash
-    class Bare: pass
-    assert [t.numel() for t in hook_stats(Bare())] == [0, 0, 0]
-
-
-def test_stats_tape_keeps_values_in_one_growing_buffer():
-    tape = StatsTape()
-    for i in range(200): tape.append(torch.tensor(float(i)))
-    assert len(tape) == 200 and torch.equal(tape.values(), torch.arange(200.))
-    assert len(tape.buf) == 256   # doubled from 64: three allocations for 200 values
-    assert tape[-1] == 199 and list(tape[:3]) == [0., 1., 2.]
-    import numpy as np
-    assert np.asarray(tape).shape == (200,)   # so plt.plot(tape) works
-    rows = StatsTape()
-    for i in range(3): rows.append(torch.full((4,), float(i)))
-    assert rows.values().shape == (3, 4)
-
-
-def test_stats_tapes_plot_like_the_lesson():
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    lin = nn.Linear(3, 3)
-    with Hooks([lin], append_stats) as hooks:
-        for _ in range(12): lin(torch.randn(5, 3))
-        fig, (ax0, ax1) = plt.subplots(1, 2)
-        for h in hooks:
-            ms, ss = h.stats
-            ax0.plot(ms[:10]); ax1.plot(ss)
-    assert len(ax0.lines[0].get_ydata()) == 10 and len(ax1.lines[0].get_ydata()) == 12
-    plt.close(fig)
-
-
-def test_get_hist_and_get_min_on_a_known_histogram():
-    class H: pass
-    h = H()
-    h.hists = StatsTape()
-    for row in ([2., 2., 4., 2.], [0., 1., 1., 2.]): h.hists.append(torch.tensor(row))
-    hist = get_hist(h)
-    assert hist.shape == (4, 2)
-    assert torch.allclose(hist[:, 0], torch.tensor([2., 2., 4., 2.]).log1p())
-    assert torch.allclose(get_min(h), torch.tensor([0.4, 0.25]))
-    assert torch.allclose(get_min(h, slice(2, 4)), torch.tensor([0.6, 0.75]))
 
 
 def test_hooks_are_removed_after_with_block_and_after_exception():
@@ -219,11 +170,6 @@ def test_children():
     assert children(model) == [model[0], model[1]]
 
 
-# --- runners and callbacks -----------------------------------------------------------------------
-
-def cbfs(): return [Recorder, partial(AvgStatsCallback, accuracy), DeviceCallback, partial(BatchTransformXCallback, mnist_view)]
-
-
 def test_get_runner_includes_nan_guard_and_accepts_instances():
     data = image_bunch()
     model = get_cnn_model(data, NFS, conv2d)
@@ -259,17 +205,23 @@ def test_device_callback_moves_model_and_batches_to_the_cpu():
     assert DeviceCallback().device == default_device()
 
 
-def test_cuda_callback_without_gpu_warns_once_and_trains_on_the_cpu(monkeypatch):
-    if torch.cuda.is_available(): pytest.skip('this machine has a GPU')
-    monkeypatch.setattr(CudaCallback, 'warned', False)
-    with pytest.warns(UserWarning, match='no CUDA device.*CPU'): cb = CudaCallback()
-    assert cb.device == torch.device('cpu')
+def test_cuda_callback_without_gpu_warns_each_time_and_trains_on_the_cpu(monkeypatch):
+    "Re-running a notebook cell that makes one says it again (the warning was remembered on the class)."
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
     import warnings
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter('always')   # as a notebook cell that shows what it says
+            cb = CudaCallback()
+        assert [str(w.message) for w in said if 'CudaCallback' in str(w.message)] == [
+            'CudaCallback: this machine has no CUDA device, so training runs on the CPU']
+        assert cb.device == torch.device('cpu')
+    data = image_bunch()
     with warnings.catch_warnings():
-        warnings.simplefilter('error')   # a second one would fail here
-        data = image_bunch()
+        warnings.simplefilter('ignore')
         learn, run = get_runner(get_cnn_model(data, NFS, conv2d), data, cbs=[CudaCallback, partial(BatchTransformXCallback, mnist_view)])
-        run.fit(1, learn)
+    run.fit(1, learn)
     assert next(learn.model.parameters()).device.type == 'cpu'
 
 
@@ -326,69 +278,6 @@ def test_telemetry_hooks_removed_when_training_is_cancelled_or_fails():
         assert len(run.activation_stats.hooks[0].stats[0]) == 1
 
 
-def test_telemetry_makes_no_per_batch_cpu_copy(monkeypatch):
-    "The statistics stay where the activations are: no `.cpu()` / `.item()` while training."
-    data = image_bunch()
-    model = get_cnn_model(data, NFS, conv_layer)
-    learn, run = get_runner(model, data, cbs=[partial(BatchTransformXCallback, mnist_view), ActivationStatsCallback],
-                            stop_on_nan=False)
-    def forbidden(*args, **kwargs): raise AssertionError('host transfer during training')
-    monkeypatch.setattr(torch.Tensor, 'cpu', forbidden)
-    monkeypatch.setattr(torch.Tensor, 'item', forbidden)
-    run.fit(1, learn)
-    monkeypatch.undo()
-    assert len(run.activation_stats.hooks[0].stats[0]) == 5
-
-
-def test_a_dropped_hook_is_unregistered():
-    lin = nn.Linear(2, 2)
-    h = Hook(lin, append_stats)
-    assert len(lin._forward_hooks) == 1
-    del h   # no remove(): the module must not keep it alive and recording
-    assert len(lin._forward_hooks) == 0
-    hooks = Hooks([lin, lin], append_stats)
-    assert len(lin._forward_hooks) == 2
-    del hooks
-    assert len(lin._forward_hooks) == 0
-
-
-def test_a_half_built_hooks_leaves_nothing_registered():
-    lin = nn.Linear(2, 2)
-    with pytest.raises(AttributeError):
-        Hooks([lin, lin, 'not a module'], append_stats)
-    gc.collect()
-    assert len(lin._forward_hooks) == 0
-
-
-def test_hook_and_hooks_removal_is_idempotent():
-    lin = nn.Linear(2, 2)
-    h = Hook(lin, append_stats)
-    h.remove(); h.remove()
-    hooks = Hooks([lin], append_stats)
-    hooks.remove(); hooks.remove()
-    del hooks[0]
-    assert len(lin._forward_hooks) == 0 and len(hooks) == 0
-
-
-def test_telemetry_memory_stays_flat_over_400_steps():
-    "One small tensor kept per step fragmented the heap: 663 MB of growth over these 400 steps before StatsTape."
-    import os
-    if not os.path.exists('/proc/self/statm'): pytest.skip('needs /proc to read the resident memory')
-    def rss_mb(): return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(256 * 25, 784, generator=g), torch.randint(0, 10, (256 * 25,), generator=g)
-    data = DataBunch(*get_dls(Dataset(x, y), Dataset(x[:256], y[:256]), 256), c=10)
-    seen = []
-    class Memory(Callback):
-        def after_batch(self):
-            if self.in_train and self.n_iter in (50, 450): seen.append(rss_mb())
-    learn, run = get_learn_run([8, 16], data, 0.1, conv_layer,
-                               cbs=[partial(BatchTransformXCallback, mnist_view), ActivationStatsCallback, Memory])
-    run.fit(19, learn)   # 25 steps per epoch: 475 steps
-    assert len(run.activation_stats.hooks[0].stats[0]) == 475
-    assert seen[1] - seen[0] < 100, f'memory grew by {seen[1] - seen[0]:.0f} MB over 400 steps'
-
-
 def test_init_cnn_reaches_nested_convolutions_without_bias():
     model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.BatchNorm2d(4)),
                           nn.Sequential(nn.Sequential(nn.Conv2d(4, 8, 3)), nn.ReLU()))
@@ -415,73 +304,6 @@ def test_get_runner_takes_callbacks_made_and_to_make():
                             cbs=[made, partial(BatchTransformXCallback, mnist_view), AvgStatsCallback([accuracy])])
     assert run.recorder is made and isinstance(run.batch_transform_x, BatchTransformXCallback)
     assert isinstance(run.avg_stats, AvgStatsCallback) and isinstance(run.stop_on_nan, StopOnNanCallback)
-
-
-# --- telemetry: clear errors, odd cases, the fast statistics ------------------------------------
-
-@pytest.fixture
-def plt_agg():
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    yield plt
-    plt.close('all')
-
-
-def test_append_stats_on_a_tuple_output_names_the_module():
-    lstm = nn.LSTM(3, 4)
-    with Hooks([lstm], append_stats_and_hist):
-        with pytest.raises(TypeError, match=r"LSTM\(3, 4\).*got a tuple, not a tensor.*output\[0\]"):
-            lstm(torch.randn(5, 2, 3))
-    assert forward_hook_count(lstm) == 0
-
-
-def test_plots_work_when_a_hooked_child_never_ran(plt_agg):
-    model, unused = nn.Sequential(nn.Linear(3, 3), nn.ReLU()), nn.Linear(3, 3)
-    with Hooks([model[0], unused, model[1]], append_stats_and_hist) as hooks:
-        for _ in range(3): model(torch.randn(4, 3))
-    assert [len(hook_stats(h)[0]) for h in hooks] == [3, 0, 3]
-    assert get_min(hooks[1]).shape == (0,) and get_hist(hooks[1]).numel() == 0
-    plot_hooks_stats(hooks)
-    assert [len(l.get_ydata()) for l in plt_agg.gcf().axes[0].lines] == [3, 0, 3]
-    assert 'no steps recorded' in plt_agg.gcf().axes[0].get_legend().get_texts()[1].get_text()
-    plot_hists(hooks)
-    hist_axes = plt_agg.gcf().axes
-    assert [t.get_text() for t in hist_axes[1].texts] == ['no steps recorded']
-    assert hist_axes[0].get_title() == '0: linear 3->3' and hist_axes[2].get_title() == '2: ReLU'
-    plot_mins(hooks)
-    assert [t.get_text() for t in plt_agg.gcf().axes[1].texts] == ['no steps recorded']
-
-
-def test_plots_before_any_fit_say_to_fit_first(plt_agg):
-    cb = ActivationStatsCallback()
-    for plot in (cb.plot_stats, cb.plot_hists, cb.plot_mins):
-        with pytest.raises(ValueError, match='recorded nothing yet.*run a fit with it first'): plot()
-    for plot in (plot_hooks_stats, plot_hists, plot_mins):
-        with pytest.raises(ValueError, match='nothing to plot'): plot([])
-
-
-def test_stats_tape_keeps_a_float_after_an_int():
-    for first, then in ((torch.tensor(2), torch.tensor(2.7)), (2, 2.7)):
-        tape = StatsTape()
-        tape.append(first); tape.append(then)
-        assert tape.values().tolist() == pytest.approx([2., 2.7]) and tape.buf.is_floating_point()
-    tape = StatsTape()
-    for i in range(100): tape.append(torch.tensor(i))
-    tape.append(torch.tensor(0.5))
-    assert torch.equal(tape.values(), torch.cat([torch.arange(100.), torch.tensor([0.5])]))
-    tape.append(torch.tensor(7))   # an int after floats is stored as a float
-    assert tape.values()[-1] == 7. and tape.buf.dtype == torch.float32
-
-
-def test_get_min_is_zero_not_nan_when_nothing_is_in_range(plt_agg):
-    lin = nn.Identity()
-    h = Hook(lin, append_stats_and_hist)
-    lin(torch.full((10,), -0.4))          # all below the range (0, 10)
-    lin(torch.tensor([0.1, 0.2, 5.]))
-    assert get_min(h).tolist() == pytest.approx([0., 2 / 3])
-    plot_mins([h])
-    assert '1 steps: nothing in range' in plt_agg.gcf().axes[0].get_title()
 
 
 def test_device_callback_refuses_the_meta_device():
@@ -511,66 +333,61 @@ def test_a_fit_that_fails_leaves_no_telemetry_hook():
         assert forward_hook_count(model) == 0
 
 
-@pytest.mark.parametrize('make', [lambda g: torch.randn(512, 8, 14, 14, generator=g).relu_(),
-                                  lambda g: torch.randn(32, 10, generator=g) * 3 + 1,
-                                  lambda g: torch.tensor([-1., 0.5, 2., 9.5, 20.]),
-                                  lambda g: torch.randn(2, 8, 1, 1, generator=g) + 50,
-                                  lambda g: torch.randn(64, 4, 4, 4, generator=g) + 3000])   # far from 0: no cancellation
-def test_mean_std_matches_torch(make):
-    x = make(torch.Generator().manual_seed(0))
-    mean, std = mean_std(x)
-    ref_std, ref_mean = torch.std_mean(x.double())
-    assert float(mean) == pytest.approx(float(ref_mean), rel=1e-5, abs=1e-6)
-    assert float(std) == pytest.approx(float(ref_std), rel=1e-4)
-    d = x.double().flatten() - float(x.flatten()[0])
-    assert moments(x).tolist() == pytest.approx([x.numel(), float(x.flatten()[0]), float(d.sum()), float((d ** 2).sum())], rel=1e-5, abs=1e-3)
+def test_default_device_picks_cuda_then_mps_then_the_cpu(monkeypatch):
+    for cuda, mps, expected in [(True, True, 'cuda'), (True, False, 'cuda'), (False, True, 'mps'), (False, False, 'cpu')]:
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: mps)
+        assert default_device() == torch.device(expected)
+        assert DeviceCallback().device == torch.device(expected)
+    import warnings
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: True)
+    with warnings.catch_warnings(record=True) as said:   # a Mac: CudaCallback says so, and trains on its GPU
+        warnings.simplefilter('always')
+        assert CudaCallback().device == torch.device('mps')
+    assert 'runs on the MPS' in str(said[0].message)
 
 
-def test_mean_std_edge_cases():
-    mean, std = mean_std(torch.full((7,), -0.4))
-    assert float(mean) == pytest.approx(-0.4) and float(std) == pytest.approx(0., abs=1e-3)   # never NaN from rounding
-    mean, std = mean_std(torch.tensor([3.]))
-    assert float(mean) == 3. and math.isnan(float(std))   # as torch.std: one value has no sample std
+def test_normalize_to_refuses_a_constant_training_set():
+    for train in (torch.full((10, 784), 0.5), torch.tensor([3.])):
+        with pytest.raises(ValueError, match="normalize_to: the training set's standard deviation is (0.0|nan).*all its values the same"):
+            normalize_to(train, torch.ones(2, 784))
 
 
-def test_histogram_matches_histc():
-    g = torch.Generator().manual_seed(0)
-    scratch = {}
-    for x, rng in [(torch.randn(512, 8, 14, 14, generator=g).relu_() * 3, (0, 10)),
-                   (torch.randn(10_000, generator=g) * 4, (-7, 7)),
-                   (torch.randn(32, 10, generator=g) * 4, (-7, 7))]:
-        counts = histogram(x, 40, *rng, scratch)   # one scratch dict reused across sizes
-        assert torch.equal(counts.float(), x.histc(40, *rng)) and scratch['n'] == x.numel()
-        assert torch.equal(histogram(x, 14, *rng).float(), x.histc(14, *rng))
-    odd = torch.tensor([float('nan'), float('inf'), -float('inf'), 1e30, -1e30, 0., 9.99, 10.])
-    assert histogram(odd, 40, 0, 10).tolist() == [1] + [0] * 38 + [1]   # NaN, infinities and 10 itself not counted
+def test_a_hook_does_not_record_a_deep_copy_of_its_module():
+    import copy
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    with Hooks(model, append_stats) as hooks:
+        model(torch.randn(2, 3))
+        ema = copy.deepcopy(model)   # an average of the weights kept as a copy: not the model
+        ema(torch.randn(2, 3)); ema(torch.randn(2, 3))
+        assert [len(h.stats[0]) for h in hooks] == [1, 1]
+        model(torch.randn(2, 3))
+        assert [len(h.stats[0]) for h in hooks] == [2, 2]
 
 
-def test_hook_records_moments_and_reads_means_and_stds():
+def test_a_hook_function_cannot_change_the_output():
+    lin = nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    def returns_zeros(hook, mod, inp, outp): return torch.zeros_like(outp)
+    h = Hook(lin, returns_zeros)
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    h.remove()
+
+
+def test_lesson_histograms_get_hist_get_min_and_plots(plt_agg):
     lin = nn.Identity()
-    h = Hook(lin, append_stats)
-    xs = [torch.tensor([1., 2., 3.]), torch.tensor([0., 4.])]
-    for x in xs: lin(x)
-    assert h.moments.values().tolist() == [[3., 1., 3., 5.], [2., 0., 4., 16.]]   # count, first value, sums about it
-    ms, ss = h.stats
-    assert torch.allclose(ms[:], torch.stack([x.mean() for x in xs])) and torch.allclose(ss[:], torch.stack([x.std() for x in xs]))
-    assert len(ms) == 2 and list(ms) == [2., 2.]
-    with pytest.raises(TypeError, match='read-only'): ms.append(1.)
+    with Hooks([lin], append_stats_and_hist) as hooks:
+        for x in (torch.tensor([0.1, 0.2, 5., 20.]), torch.tensor([-1., 0.3, 9.9, 9.9])): lin(x)
+    h = hooks[0]
+    assert len(h.stats[0]) == 2 and len(h.hists) == 2 and torch.equal(h.hists[0], torch.tensor([0.1, 0.2, 5., 20.]).histc(40, 0, 10))
+    assert get_hist(h).shape == (40, 2) and torch.allclose(get_hist(h)[0], torch.tensor([2., 0.]).log1p())
+    assert get_min(h).tolist() == pytest.approx([2 / 3, 1 / 3])
+    wide = Hook(lin, partial(append_hist, hist_range=(-7, 7), bins=14))
+    lin(torch.tensor([-1., 0.5]))
+    assert torch.equal(wide.hists[0], torch.tensor([-1., 0.5]).histc(14, -7, 7)) and wide.hist_range == (-7, 7)
+    plot_hooks_stats(hooks)
+    assert [len(l.get_ydata()) for l in plt_agg.gcf().axes[0].lines] == [2]
+    plot_hists(hooks); plot_mins(hooks)
+    assert plt_agg.gcf().axes[0].get_ylim() == (0, 1)
 
-
-def test_layer_names():
-    data = image_bunch()
-    model = get_cnn_model(data, NFS, conv_layer, leak=0.1)
-    assert [layer_name(m) for m in model] == ['conv 1->4 + GeneralRelu', 'conv 4->8 + GeneralRelu', 'AdaptiveAvgPool2d',
-                                              'flatten', 'linear 8->10']
-
-
-def test_stats_and_hist_in_one_row_read_like_the_separate_hooks():
-    lin = nn.Identity()
-    both, stats, hist = Hook(lin, append_stats_and_hist), Hook(lin, append_stats), Hook(lin, append_hist)
-    g = torch.Generator().manual_seed(0)
-    for x in (torch.randn(100, generator=g).relu(), torch.randn(50, generator=g) * 3):
-        lin(x)
-    separate = (*hook_stats(stats)[:2], hook_stats(hist)[2])
-    assert all(torch.allclose(a, b) for a, b in zip(hook_stats(both), separate))
-    assert both.rows.values().shape == (2, 4 + 40) and len(both.stats[0]) == 2 and len(both.hists) == 2
