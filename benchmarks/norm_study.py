@@ -126,6 +126,7 @@ def problem(results):
     for name, r in results['runs'].items():
         if not isinstance(r, dict): return f'run {name!r} is not an object'
         wrong = [f for f, kind in FIELDS.items() if not isinstance(r.get(f), kind) or isinstance(r.get(f), bool)]
+        if not isinstance(r.get('diverged_at', 0), (list, type(None))): wrong.append('diverged_at')
         if wrong: return f"run {name!r} lacks a valid {', '.join(wrong)}"
         if name != key(r): return f'run {name!r} is filed under the wrong name (its fields say {key(r)!r})'
 

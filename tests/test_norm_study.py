@@ -178,6 +178,8 @@ def test_two_studies_writing_one_folder_at_once_lose_no_run(tmp_path):
     (b'{"meta": {}}', "has no 'runs'"), (b'{"runs": [1, 2]}', "has no 'runs'"),
     (b'{"runs": {"a": 3}}', "run 'a' is not an object"),
     (b'{"runs": {"mnist/none/bs2/seed0": {"dataset": "mnist", "norm": "none"}}}', 'lacks a valid bs, seed'),
+    (b'{"runs": {"mnist/none/bs2/seed0": {"dataset": "mnist", "norm": "none", "bs": 2, "seed": 0, "valid_acc": 0.5, '
+     b'"seconds": 1, "diverged_at": 7}}}', 'lacks a valid diverged_at'),
     (b'\x89PNG\r\n\x1a\n\x00\xff\xfe', 'not text')])
 def test_resuming_from_a_truncated_or_foreign_file_is_one_line_naming_it(tmp_path, capsys, content, why):
     (tmp_path / 'norm_study.json').write_bytes(content)
