@@ -34,12 +34,12 @@ class TimedAllReduce(AllReduceGradsCallback):
 
 class TimedDistributed(DistributedCallback):
     "DistributedCallback, timing its agreements."
-    def begin_fit(self):
-        super().begin_fit()
+    def set_runner(self, run):   # the start of each fit
+        super().set_runner(run)
         self.secs, self.n = 0., 0
-    def agree(self, *args):
+    def agree(self, *args, **kwargs):
         start = time.perf_counter()
-        try: return super().agree(*args)
+        try: return super().agree(*args, **kwargs)
         finally: self.secs, self.n = self.secs + time.perf_counter() - start, self.n + 1
 
 
