@@ -151,6 +151,18 @@ def test_gitattributes_keeps_notebooks_and_modules_lf_in_every_checkout():
     assert out.splitlines() == [f"{p}: eol: lf" for p in paths]
 
 
+def test_a_clone_with_autocrlf_on_checks_out_lf_and_its_check_passes(tmp_path):
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "-c", "core.autocrlf=true", str(ROOT), str(clone)], check=True)
+    for path in ["nbs/00_data.ipynb", "exp/nb_00.py", "notebook2script.py"]:
+        assert b"\r\n" not in (clone / path).read_bytes(), path
+    done = subprocess.run([sys.executable, "notebook2script.py", "--check", "nbs/00_data.ipynb"], cwd=clone,
+                          capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, "OK: 1 module(s) up to date\n")
+
+
 @pytest.mark.parametrize("cell", ["#export\nx = 1\n__all__ = ['x']", "#export\nx = 1\n__all__ += ['y']",
                                   "#export\nif True:\n    __all__ = ['x']"])
 def test_a_cell_setting_its_own_all_is_refused_not_silently_replaced(proj, cell):
