@@ -184,7 +184,7 @@ class DistributedCallback(Callback):
     def after_cancel_epoch(self): self.caught(CancelEpochException)
     def after_cancel_train(self):
         self.caught(CancelTrainException)
-        self.ended = True
+        self.ended, self.validating = True, False   # (after_fit: after the others again)
 
     def begin_epoch(self):
         if not self.active: return
@@ -328,7 +328,7 @@ def _watch_parent(alive, folder):
     except (EOFError, OSError): pass
     shutil.rmtree(folder, ignore_errors=True)
     os._exit(1)
-
+# %% nbs/07b_distributed.ipynb cell 54
 def rendezvous_uri(folder, path=Path):
     "The file URI where `launch`'s processes meet: `file:///tmp/...`; on Windows `file:///C:/...`, which a plain f-string is not."
     return path(folder, 'rendezvous').as_uri()
@@ -346,7 +346,7 @@ def _worker(rank, fn, args, world_size, folder, timeout, threads, alive):
     except BaseException as e:   # noted with its time: `launch` reports the first failure, not the others' reactions
         Path(folder, f'error{rank}.txt').write_text(f'{time.time()}\n{error_line(e)}\n{traceback.format_exc()}')
         os._exit(1)              # at once: leaving the group politely would wait for the others
-
+# %% nbs/07b_distributed.ipynb cell 56
 def first_error(folder, exits=None):
     """The first failure of `launch`'s ranks, a `RankError` (None if none): a rank that ended (`exits[r]`: its exit code) with
     neither result nor error comes first, as the one that left; else the earliest error noted in `folder`."""
@@ -386,7 +386,7 @@ def _no_sigint():
     try: yield
     finally:
         if main: signal.signal(signal.SIGINT, saved)
-
+# %% nbs/07b_distributed.ipynb cell 58
 def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
     "Run `fn(*args)` on `nprocs` new processes, one rank each; print what rank 0 printed; return a `RankResults`."
     if getattr(fn, '__module__', None) == '__main__' and not hasattr(sys.modules['__main__'], '__file__'):
@@ -421,11 +421,12 @@ def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
         res = RankResults(torch.load(Path(folder, f'result{r}.pt'), weights_only=False) for r in range(nprocs))
     res.stdout = outs
     return res
-# %% nbs/07b_distributed.ipynb cell 54
+# %% nbs/07b_distributed.ipynb cell 60
 def definitions(obj):
-    "The source texts that make `obj`: a function's, or each of a class's own methods' (None where Python cannot find it)."
-    if not inspect.isclass(obj): return [inspect.getsource(obj)] if inspect.isfunction(obj) else []
-    return [src for v in vars(obj).values() for src in definitions(getattr(v, '__func__', v)) if inspect.isfunction(getattr(v, '__func__', v))]
+    "The source texts that make `obj`: a function's, or each of a class's own methods'."
+    if inspect.isfunction(obj): return [inspect.getsource(obj)]
+    methods = [getattr(v, '__func__', v) for v in vars(obj).values()] if inspect.isclass(obj) else []
+    return [inspect.getsource(f) for f in methods if inspect.isfunction(f)]
 
 def stale_names(main=None, module='exp.nb_07b'):
     "The functions and classes of `main` (default: `__main__`, a notebook's cells) that `module` also defines, but differently."
@@ -444,7 +445,7 @@ def warn_if_stale(main=None, module='exp.nb_07b'):
     names = stale_names(main, module)
     if names: warnings.warn(f'launch: {", ".join(names)} changed in this notebook but not in {module}, which the processes run: '
                             f'export the notebook (python notebook2script.py nbs/07b_distributed.ipynb) to run the new code')
-# %% nbs/07b_distributed.ipynb cell 56
+# %% nbs/07b_distributed.ipynb cell 62
 class RankTimeoutError(TimeoutError): "A rank waited for the others longer than the process group's timeout."
 
 TIMEOUT_WORDS = re.compile(r'timed out|timeout', re.IGNORECASE)   # gloo: 'Timed out waiting 3000ms...'; NCCL: '...timeout...'
@@ -465,7 +466,7 @@ def run_in_group(fn, args=(), timeout=DEFAULT_TIMEOUT):
                                f'(the `timeout` of launch / init_distributed): {why}') from e
     if is_dist(): dist.destroy_process_group()
     return res
-# %% nbs/07b_distributed.ipynb cell 58
+# %% nbs/07b_distributed.ipynb cell 64
 class FaultCallback(Callback):
     "For trying faults: on rank `rank`, at training step `n_iter`, in `event`, raise `fault` (an exception class) or, if 'hang', stop answering."
     EVENTS = ('begin_batch', 'after_loss', 'after_step')

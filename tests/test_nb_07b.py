@@ -230,11 +230,12 @@ def test_launch_names_what_was_changed_in_the_notebook_but_not_exported(tmp_path
         'def get_rank(): return dist.get_rank() if is_dist() else 0\n'                  # as exported
         'def get_world_size(): return 2   # edited, not exported\n'
         'class ShardSampler():\n    def set_epoch(self, epoch): self.epoch = epoch + 1\n'
+        'class AllReduceSum(torch.autograd.Function):\n    @staticmethod\n    def forward(ctx, x): return x\n'   # (a class in a class)
         'def my_helper(): pass\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     import a_notebook
-    assert stale_names(a_notebook) == ['get_world_size', 'ShardSampler']
-    with pytest.warns(UserWarning, match='get_world_size, ShardSampler changed in this notebook but not in exp.nb_07b.*export'):
+    assert stale_names(a_notebook) == ['get_world_size', 'ShardSampler', 'AllReduceSum']
+    with pytest.warns(UserWarning, match='get_world_size, ShardSampler, AllReduceSum changed in this notebook but not in exp.nb_07b.*export'):
         warn_if_stale(a_notebook)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
@@ -310,3 +311,14 @@ def test_the_workers_end_with_their_parent_and_leave_nothing(tmp_path, how):
             assert 'Process SpawnProcess' not in err, err
     finally:
         if parent.poll() is None: parent.kill()
+
+
+def test_local_device_follows_default_device(monkeypatch):
+    "CUDA: this rank's own GPU; else whatever notebook 06's default_device picks (MPS on a Mac, the CPU)."
+    import exp.nb_07b as nb
+    monkeypatch.setattr(nb, 'default_device', lambda: torch.device('mps'))
+    assert nb.local_device() == torch.device('mps')
+    monkeypatch.setattr(nb, 'default_device', lambda: torch.device('cuda'))
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setenv('LOCAL_RANK', '3')
+    assert nb.local_device() == torch.device('cuda', 1)
