@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]  # exp/ and bench.py
 BUDGET = 8 * 60  # seconds all parts together should take on one modern GPU
 CUDA_REASON = re.compile(r'\b(cuda|gpus?)\b', re.IGNORECASE)
-TIMEOUTS = {'tests': 150, 'notebooks': 240, 'ddp': 120}  # seconds; the epochs take well under a minute
+TIMEOUTS = {'tests': 120, 'notebooks': 240, 'ddp': 90}  # seconds: 7.5 minutes at most, with the epochs' minute
 
 
 class Skip(Exception):
