@@ -278,7 +278,8 @@ def explore_telemetry(hooks):
     plot_layer(hooks); plt.show()
     if not in_notebook() or importlib.util.find_spec('ipywidgets') is None: return
     import ipywidgets
-    ipywidgets.interact(partial(plot_layer, hooks), layer=ipywidgets.IntSlider(0, 0, len(hooks) - 1, description='layer'),
+    def show(layer, steps): plot_layer(hooks, layer, steps)
+    ipywidgets.interact(show, layer=ipywidgets.IntSlider(0, 0, len(hooks) - 1, description='layer'),
                         steps=ipywidgets.IntRangeSlider(value=(0, n), min=0, max=n, description='calls'))
 
 from exp.nb_06 import __all__ as _nb_06_all
