@@ -2,14 +2,15 @@
 
 # %% nbs/07_batchnorm.ipynb cell 1
 from exp.nb_06b import *
-import warnings
 # %% nbs/07_batchnorm.ipynb cell 7
 def check_dtype(layer, x):
-    "Raise a clear error if `x` is not of `layer`'s dtype (PyTorch would promote it silently, or fail deep inside)."
-    want, cast = next(layer.parameters()).dtype, {torch.float32: '.float()', torch.float64: '.double()'}
-    if x.dtype != want:
-        raise TypeError(f'{type(layer).__name__} has {want} parameters but got a {x.dtype} input: convert the input '
-                        f'(`x{cast.get(want, f".to({want})")}`) or the layer (`layer{cast.get(x.dtype, f".to({x.dtype})")}`)')
+    "`x` in the dtype of `layer`'s parameters: converted under autocast (mixed precision: statistics in float32), else a clear error."
+    want = next(layer.parameters()).dtype
+    if x.dtype == want: return x
+    if torch.is_autocast_enabled(x.device.type): return x.to(want)
+    cast = {torch.float32: '.float()', torch.float64: '.double()'}
+    raise TypeError(f'{type(layer).__name__} has {want} parameters but got a {x.dtype} input: convert the input '
+                    f'(`x{cast.get(want, f".to({want})")}`) or the layer (`layer{cast.get(x.dtype, f".to({x.dtype})")}`)')
 
 def check_nchw(layer, x):
     "Raise a clear error unless `x` is a 4-D `(N, C, H, W)` batch with the channels of `layer` (its `mults`)."
@@ -21,14 +22,7 @@ def check_nchw(layer, x):
                      f'got shape {tuple(x.shape)}: {fix}')
 
 class BatchNorm(nn.Module):
-    """Batch normalisation of `(N, nf, H, W)` activations, per channel over the batch and the pixels.
-
-    Training: `(x - mean) / sqrt(var + eps) * mults + adds` with this batch's mean and (biased) variance,
-    gradients flowing through both; the running `means` and `vars` move towards them:
-    `running = (1-mom)*running + mom*batch` (PyTorch's convention, and like PyTorch the running `vars`
-    takes the unbiased batch variance). Evaluation: the running statistics instead. Every statistic of the
-    batch comes from `batch_stats`, so that a subclass can gather it from elsewhere (other processes).
-    """
+    "Batch norm of `(N, nf, H, W)`: each channel normalised by this batch's statistics in training, by their running averages in evaluation."
     def __init__(self, nf, mom=0.1, eps=1e-5):
         super().__init__()
         self.mom, self.eps = mom, eps
@@ -40,13 +34,13 @@ class BatchNorm(nn.Module):
     def extra_repr(self): return f'{self.mults.shape[1]}, mom={self.mom}, eps={self.eps}'
 
     def batch_stats(self, x):
-        "`(bs, n, mean, var)`: items, values per channel, and each channel's mean and biased variance, `(1, nf, 1, 1)`."
+        "`(bs, n, mean, var)`: items, values per channel, each channel's mean and biased variance (a subclass may gather them from other processes)."
         m = x.mean((0, 2, 3), keepdim=True)
         v = (x - m).pow(2).mean((0, 2, 3), keepdim=True)
         return x.shape[0], x.numel() // x.shape[1], m, v
 
     def update_stats(self, x):
-        "This batch's mean and variance per channel; move the running ones towards them."
+        "This batch's mean and variance; the running ones move towards them (the variance unbiased, as in PyTorch)."
         bs, n, m, v = self.batch_stats(x)
         if n < 2: raise ValueError(f'BatchNorm needs more than one value per channel in training, got {tuple(x.shape)}')
         with torch.no_grad():
@@ -55,11 +49,10 @@ class BatchNorm(nn.Module):
         return m, v
 
     def forward(self, x):
-        check_dtype(self, x); check_nchw(self, x)
-        if self.training: m, v = self.update_stats(x)
-        else:             m, v = self.means, self.vars
-        x = (x - m) / (v + self.eps).sqrt()
-        return x * self.mults + self.adds
+        check_nchw(self, x); xf = check_dtype(self, x)   # under autocast: statistics in float32
+        m, v = self.update_stats(xf) if self.training else (self.means, self.vars)
+        xf = (xf - m) / (v + self.eps).sqrt()
+        return (xf * self.mults + self.adds).to(x.dtype)   # in the input's dtype, as nn.BatchNorm2d
 # %% nbs/07_batchnorm.ipynb cell 11
 def conv_layer(ni, nf, ks=3, stride=2, bn=True, norm=None, bias=None, **kwargs):
     "Convolution (padding `ks//2`), `GeneralRelu(**kwargs)` and, if `bn`, `norm(nf)` (default `BatchNorm`)."
@@ -79,12 +72,12 @@ class LayerNorm(nn.Module):
     def extra_repr(self): return f'eps={self.eps}'
 
     def forward(self, x):
-        check_dtype(self, x)
+        xf = check_dtype(self, x)
         dims = tuple(range(1, x.dim()))
-        m = x.mean(dims, keepdim=True)
-        v = (x - m).pow(2).mean(dims, keepdim=True)
-        x = (x - m) / (v + self.eps).sqrt()
-        return x * self.mult + self.add
+        m = xf.mean(dims, keepdim=True)
+        v = (xf - m).pow(2).mean(dims, keepdim=True)
+        xf = (xf - m) / (v + self.eps).sqrt()
+        return (xf * self.mult + self.add).to(x.dtype)
 # %% nbs/07_batchnorm.ipynb cell 28
 class InstanceNorm(nn.Module):
     "Normalise each channel of each item of `(N, nf, H, W)` over its pixels; per-channel `mults` and `adds`."
@@ -97,11 +90,11 @@ class InstanceNorm(nn.Module):
     def extra_repr(self): return f'{self.mults.shape[1]}, eps={self.eps}'
 
     def forward(self, x):
-        check_dtype(self, x); check_nchw(self, x)
-        m = x.mean((2, 3), keepdim=True)
-        v = (x - m).pow(2).mean((2, 3), keepdim=True)
-        x = (x - m) / (v + self.eps).sqrt()
-        return x * self.mults + self.adds
+        check_nchw(self, x); xf = check_dtype(self, x)
+        m = xf.mean((2, 3), keepdim=True)
+        v = (xf - m).pow(2).mean((2, 3), keepdim=True)
+        xf = (xf - m) / (v + self.eps).sqrt()
+        return (xf * self.mults + self.adds).to(x.dtype)
 # %% nbs/07_batchnorm.ipynb cell 33
 class GroupNorm(nn.Module):
     "Split the `nf` channels of `(N, nf, H, W)` into `groups`; normalise each group of each item; per-channel `mults`, `adds`."
@@ -117,111 +110,59 @@ class GroupNorm(nn.Module):
     def extra_repr(self): return f'{self.groups}, {self.mults.shape[1]}, eps={self.eps}'
 
     def forward(self, x):
-        check_dtype(self, x); check_nchw(self, x)
-        g = x.reshape(x.shape[0], self.groups, -1)
+        check_nchw(self, x); xf = check_dtype(self, x)
+        g = xf.reshape(x.shape[0], self.groups, -1)
         m = g.mean(2, keepdim=True)
         v = (g - m).pow(2).mean(2, keepdim=True)
-        x = ((g - m) / (v + self.eps).sqrt()).view_as(x)
-        return x * self.mults + self.adds
+        xf = ((g - m) / (v + self.eps).sqrt()).view_as(x)
+        return (xf * self.mults + self.adds).to(x.dtype)
 # %% nbs/07_batchnorm.ipynb cell 56
 class RunningBatchNorm(nn.Module):
     """Batch norm that normalises with running statistics in training too, so that tiny batches work.
 
-    The lesson's statistics (EWMAs of each channel's sum, sum of squares and count, momentum `1 - (1-mom)/sqrt(bs-1)`
-    for `bs` items, one counting as two; the variance clamped to >= 0.01 until 20 items), kept as the buffers `means`
-    and `vars` and merged with each batch's own so that nothing cancels; a non-finite update is not kept; an empty
-    batch changes nothing. Training and evaluation normalise alike; in training the gradient also flows through this
-    batch's share of the statistics. The batch is seen only through `batch_stats` (a subclass may gather its
-    statistics from other processes). The state (`means`, `vars`, and `count` and `batch`, 0-dim tensors) is replaced
-    by new tensors at each step, never read on the host nor changed in place, so the device never waits and
-    `torch.compile` compiles the layer once, with the right gradients. `state_dict()` keeps `count` and `batch` as
-    numbers (the extra state).
+    The lesson's EWMAs of each channel's sum, sum of squares and count (momentum `1 - (1-mom)/sqrt(bs-1)`, a batch of
+    one counting as two; the variance clamped to >= 0.01 until 20 items), kept as the running `means` and `vars`, into
+    which each batch's statistics are merged so that nothing cancels; `count` and `batch` (items seen) are numbers.
     """
     def __init__(self, nf, mom=0.1, eps=1e-5):
         super().__init__()
+        if not 0 < mom <= 1: raise ValueError(f'RunningBatchNorm: mom must be in (0, 1], the weight of a batch of two (the lesson: 0.1), got {mom}')
         self.mom, self.eps = mom, eps
         self.mults = nn.Parameter(torch.ones (1, nf, 1, 1))
         self.adds  = nn.Parameter(torch.zeros(1, nf, 1, 1))
         self.register_buffer('means', torch.zeros(1, nf, 1, 1))
         self.register_buffer('vars',  torch.ones (1, nf, 1, 1))
-        self.register_buffer('count', torch.tensor(0.), persistent=False)  # EWMA of the values per channel
-        self.register_buffer('batch', torch.tensor(0),  persistent=False)  # items trained on
+        self.count, self.batch = 0., 0   # the EWMA of the values per channel; the items trained on
 
     def extra_repr(self): return f'{self.mults.shape[1]}, mom={self.mom}, eps={self.eps}'
-    def get_extra_state(self): return {'count': self.count.item(), 'batch': self.batch.item()}
-    def set_extra_state(self, state): self.count.fill_(state['count']); self.batch.fill_(state['batch'])
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        if prefix + '_extra_state' not in state_dict:  # (load_state_dict(strict=False) would say nothing)
-            warnings.warn(f"{type(self).__name__}: the state dict has no '{prefix}_extra_state' (count and batch), so they "
-                          f"stay as they were and the next training batch outweighs the loaded statistics: save and "
-                          f"load the whole state dict")
-        super()._load_from_state_dict(state_dict, prefix, *args)
+    def get_extra_state(self): return {'count': float(self.count), 'batch': int(self.batch)}   # in the state dict
+    def set_extra_state(self, state): self.count, self.batch = state['count'], state['batch']
+    batch_stats = BatchNorm.batch_stats
 
     def momentum(self, bs):
-        "The lesson's momentum for a batch of `bs` items (a number, or a tensor: no device value is read)."
-        if isinstance(bs, torch.Tensor): return 1 - (1 - self.mom) * (bs - 1).clamp_min(1).rsqrt()
-        return 1 - (1 - self.mom) / math.sqrt(max(bs - 1, 1))
-
-    def batch_stats(self, x):
-        "`(bs, n, mean, var)`: items, values per channel, and each channel's mean and (biased) variance, `(1, nf, 1, 1)`."
-        m = x.mean((0, 2, 3), keepdim=True)
-        v = (x - m).pow(2).mean((0, 2, 3), keepdim=True)  # subtract the mean before squaring: nothing cancels
-        return x.shape[0], x.numel() // x.shape[1], m, v
+        "The lesson's momentum for a batch of `bs` items; a batch of one counts as two."
+        return 1 - (1 - self.mom) / max(bs - 1, 1) ** 0.5
 
     def update_stats(self, x):
-        "Move the running statistics towards this batch's; return the new mean and variance, with their gradients."
-        bs, n, m, v = self.batch_stats(x)
+        "Merge this batch's statistics into the running ones (the lesson's EWMAs, exactly); return the merged mean and variance."
+        bs, n, m, v = self.batch_stats(x.float() if x.dtype.itemsize < 4 else x)   # statistics in float32 at least
+        means, vars = self.means.to(m.dtype), self.vars.to(m.dtype)
         mom = self.momentum(bs)
-        r = self.count * (1 - mom) / (mom * n)          # the old statistics' weight against this batch's
-        share = 1 / (1 + r)                             # this batch's weight in the new statistics (1 - share = share * r)
-        self.count = self.count * (1 - mom) + mom * n
-        self.batch = self.batch + bs
-        mean = torch.lerp(self.means, m, share)
-        d = self.means - m
-        var = torch.lerp(self.vars, v, share) + share * share * r * d * d  # + share*(1-share)*d²: nothing cancels
-        with torch.no_grad():                           # where the new variance is not finite (nor then the mean),
-            ok = var.isfinite()                         # keep the old statistics
-            self.means, self.vars = torch.where(ok, mean, self.means), torch.where(ok, var, self.vars)
+        count = self.count * (1 - mom) + mom * n        # the lesson's EWMA of the count
+        share = mom * n / count                         # this batch's weight in the merged statistics
+        mean = torch.lerp(means, m, share)              # sums / count
+        var = torch.lerp(vars, v, share) + share * (1 - share) * (means - m) ** 2   # sqrs / count - mean², with no cancelling
+        self.means, self.vars, self.count, self.batch = mean.detach(), var.detach(), count, self.batch + bs
         return mean, var
 
     def forward(self, x):
-        check_dtype(self, x); check_nchw(self, x)      # before any state changes
-        if self.training and x.numel(): mean, var = self.update_stats(x)
+        check_nchw(self, x); xf = check_dtype(self, x)  # before any state changes
+        if self.training and x.numel(): mean, var = self.update_stats(xf)
         else: mean, var = self.means, self.vars
-        var = torch.where(self.batch < 20, var.clamp_min(0.01), var)  # the early clamp, decided on the device
+        if self.batch < 20: var = var.clamp_min(0.01)    # the lesson's early clamp
         scale = self.mults * (var + self.eps).rsqrt()
-        return torch.addcmul(self.adds - mean * scale, x, scale)      # (x - mean) * scale + adds in one pass
-# %% nbs/07_batchnorm.ipynb cell 80
-class FastRunningBatchNorm(RunningBatchNorm):
-    "`RunningBatchNorm` with the backward pass of its training step written by hand: the same numbers, faster."
-    def forward(self, x):
-        if not (self.training and x.numel()): return super().forward(x)
-        check_dtype(self, x); check_nchw(self, x)
-        return _FastRunningBatchNormStep.apply(x, self.mults, self.adds, self)
-
-class _FastRunningBatchNormStep(torch.autograd.Function):
-    "The training step of `FastRunningBatchNorm`: `RunningBatchNorm`'s statistics, the backward derived in notebook 07."
-    @staticmethod
-    def forward(ctx, x, mults, adds, rbn):
-        mean, var = rbn.update_stats(x)                 # autograd is off in here
-        clamped = torch.where(rbn.batch < 20, var.clamp_min(0.01), var)
-        r = (clamped + rbn.eps).rsqrt()
-        ctx.xhat = xhat = torch.addcmul(-mean * r, x, r)  # (x - mean) / sqrt(var + eps)
-        ctx.scale = scale = mults * r
-        k = rbn.momentum(x.shape[0]) / rbn.count       # k = d mean / d x_i
-        ctx.B = B = scale * -k                          # -scale * k
-        ctx.Bfree = B * (clamped == var)                # where the variance is clamped, no gradient through it
-        return torch.addcmul(adds, xhat, mults)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        xhat = ctx.xhat
-        gs = g.sum((0, 2, 3), keepdim=True)             # the gradient of adds
-        gh = (g * xhat).sum((0, 2, 3), keepdim=True)    # the gradient of mults
-        return torch.addcmul(ctx.B * gs, xhat, ctx.Bfree * gh).addcmul_(g, ctx.scale), gh, gs, None
+        return torch.addcmul(self.adds - mean * scale, xf, scale).to(x.dtype)   # (x - mean) * scale + adds
 
 from exp.nb_06b import __all__ as _nb_06b_all
-__all__ = [*_nb_06b_all, 'warnings', 'check_dtype', 'check_nchw', 'BatchNorm', 'conv_layer',
-           'LayerNorm', 'InstanceNorm', 'GroupNorm', 'RunningBatchNorm', 'FastRunningBatchNorm']
+__all__ = [*_nb_06b_all, 'check_dtype', 'check_nchw', 'BatchNorm', 'conv_layer', 'LayerNorm',
+           'InstanceNorm', 'GroupNorm', 'RunningBatchNorm']

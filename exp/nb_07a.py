@@ -2,6 +2,117 @@
 
 # %% nbs/07a_fast_norms.ipynb cell 1
 from exp.nb_07 import *
+import warnings
+# %% nbs/07a_fast_norms.ipynb cell 14
+class RunningBatchNorm(RunningBatchNorm):
+    """Notebook 07's `RunningBatchNorm`, engineered: `count` and `batch` are host numbers in eager mode and 0-dim tensors
+    (`count_t`, `batch_t`, replaced, never changed in place) under `torch.compile` or for tensor batch sizes (07b), so that
+    nothing waits for the device and the layer compiles once; a channel whose merged statistics are not finite keeps its
+    old ones; the count stays in float32 or wider whatever the layer's dtype; a state dict without `count` warns."""
+    def __init__(self, nf, mom=0.1, eps=1e-5):
+        super().__init__(nf, mom, eps)
+        self.register_buffer('count_t', torch.tensor(0.), persistent=False)  # count and batch as tensors
+        self.register_buffer('batch_t', torch.tensor(0), persistent=False)
+        self.host_of = self.count_t  # the host numbers are current while `count_t` is this tensor
+
+    def get_extra_state(self): return dict(zip(('count', 'batch'), self.state(False)))
+    def set_extra_state(self, state): self.set_state(float(state['count']), int(state['batch']))
+
+    def state(self, tensors, dtype=torch.float32):
+        "`(count, batch)`: 0-dim tensors if `tensors`, else host numbers (read once after steps in the tensor form)."
+        if tensors: return self.count_t.to(dtype), self.batch_t
+        if self.host_of is not self.count_t:
+            self.count, self.batch, self.host_of = self.count_t.item(), self.batch_t.item(), self.count_t
+        return self.count, self.batch
+
+    def set_state(self, count, batch):
+        "New tensors replace `count_t` and `batch_t`; new numbers are kept on the host and filled into them (no sync)."
+        if isinstance(count, torch.Tensor): self.count_t, self.batch_t = count, batch
+        else:
+            self.count, self.batch, self.host_of = count, batch, self.count_t
+            self.count_t.fill_(count); self.batch_t.fill_(batch)
+
+    def tensor_form(self, bs=0):
+        "Count in tensors under torch.compile, for a tensor batch size, and after steps in the tensor form (no host read)."
+        return torch.compiler.is_compiling() or isinstance(bs, torch.Tensor) or self.host_of is not self.count_t
+
+    def momentum(self, bs):
+        "The lesson's momentum for a batch of `bs` items, a number or a tensor (never read on the host)."
+        if isinstance(bs, torch.Tensor): return 1 - (1 - self.mom) * (bs - 1).clamp_min(1).to(self.count_t.dtype).rsqrt()
+        return super().momentum(bs)
+
+    def merge(self, x):
+        "Notebook 07's `update_stats`, keeping a channel's statistics when its new ones are not finite; also `k = share/n`."
+        bs, n, m, v = self.batch_stats(x.float() if x.dtype.itemsize < 4 else x)   # statistics in float32 at least
+        count, batch = self.state(torch.compiler.is_compiling() or isinstance(bs, torch.Tensor), m.dtype)
+        means, vars = self.means.to(m.dtype), self.vars.to(m.dtype)
+        mom = self.momentum(bs)
+        count = count * (1 - mom) + mom * n
+        share = mom * n / count
+        mean = torch.lerp(means, m, share)
+        var = torch.lerp(vars, v, share) + share * (1 - share) * (means - m) ** 2
+        with torch.no_grad():
+            ok = var.isfinite()                         # decided on the device: nothing waits
+            self.means, self.vars = torch.where(ok, mean, means), torch.where(ok, var, vars)
+        self.set_state(count, batch + bs)
+        return mean, var, share / n
+
+    def update_stats(self, x): return self.merge(x)[:2]
+
+    def early_clamp(self, var):
+        "The lesson's clamp of the variance to >= 0.01 until 20 items, decided on the device in the tensor form."
+        if self.tensor_form(): return torch.where(self.batch_t < 20, var.clamp_min(0.01), var)
+        return var.clamp_min(0.01) if self.batch < 20 else var
+
+    def forward(self, x):
+        check_nchw(self, x); xf = check_dtype(self, x)  # before any state changes
+        if self.training and x.numel(): mean, var = self.update_stats(xf)
+        else: mean, var = self.means, self.vars
+        scale = self.mults * (self.early_clamp(var) + self.eps).rsqrt()
+        return torch.addcmul(self.adds - mean * scale, xf, scale).to(x.dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        "Move `count_t` with the layer, never to a narrower dtype: a float16 count overflows at 65504."
+        count, current = self.count_t, self.host_of is self.count_t
+        super()._apply(fn, *args, **kwargs)
+        self.count_t = count.to(self.count_t.device, torch.promote_types(count.dtype, self.count_t.dtype))
+        if current: self.host_of = self.count_t
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if prefix + '_extra_state' not in state_dict:  # (load_state_dict(strict=False) would say nothing)
+            warnings.warn(f"{type(self).__name__}: the state dict has no '{prefix}_extra_state' (count and batch), so they "
+                          f"stay as they were and the next training batch outweighs the loaded statistics: save and "
+                          f"load the whole state dict")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+# %% nbs/07a_fast_norms.ipynb cell 22
+class FastRunningBatchNorm(RunningBatchNorm):
+    "`RunningBatchNorm` with the backward pass of its training step written by hand: the same numbers, faster."
+    def forward(self, x):
+        if not (self.training and x.numel()): return super().forward(x)
+        check_nchw(self, x); xf = check_dtype(self, x)
+        return _FastRunningBatchNormStep.apply(xf, self.mults, self.adds, self).to(x.dtype)
+
+class _FastRunningBatchNormStep(torch.autograd.Function):
+    "The training step of `FastRunningBatchNorm`: `RunningBatchNorm`'s statistics, the backward derived in notebook 07a."
+    @staticmethod
+    def forward(ctx, x, mults, adds, rbn):
+        mean, var, k = rbn.merge(x)                     # autograd is off in here; k = d mean / d x_i
+        clamped = rbn.early_clamp(var)
+        r = (clamped + rbn.eps).rsqrt()
+        ctx.xhat = xhat = torch.addcmul(-mean * r, x, r)  # (x - mean) / sqrt(var + eps)
+        ctx.scale = scale = mults * r
+        ctx.B = B = scale * -k                          # -scale * k
+        ctx.Bfree = B if clamped is var else B * (clamped == var)  # where the variance is clamped, no gradient through it
+        return torch.addcmul(adds, xhat, mults)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        xhat = ctx.xhat
+        gs = g.sum((0, 2, 3), keepdim=True)             # the gradient of adds
+        gh = (g * xhat).sum((0, 2, 3), keepdim=True)    # the gradient of mults
+        return torch.addcmul(ctx.B * gs, xhat, ctx.Bfree * gh).addcmul_(g, ctx.scale), gh, gs, None
 
 from exp.nb_07 import __all__ as _nb_07_all
-__all__ = [*_nb_07_all]
+__all__ = [*_nb_07_all, 'warnings', 'RunningBatchNorm', 'FastRunningBatchNorm']

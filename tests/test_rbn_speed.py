@@ -1,9 +1,10 @@
-"""RunningBatchNorm under torch.compile: compiled once, and the same numbers as in eager mode.
+"""Notebook 07a's RunningBatchNorm under torch.compile: compiled once, and the same numbers as in eager mode.
 
-Its state (`means`, `vars`, `count`, `batch`) is tensors replaced at each step: a Python number changed in
-`forward` made dynamo recompile at every step, and a buffer changed in place let the compiled backward read
-it after the change (wrong gradients, silently: AOTAutograd's partitioner may recompute a read of a mutated
-input in the backward, pytorch/pytorch PR 197039). Cheap backends only ('eager', 'aot_eager'): no C compiler.
+Under compile its state (`means`, `vars`, and `count_t`, `batch_t`) is tensors replaced at each step: notebook 07's
+Python numbers `count` and `batch`, changed in `forward`, make dynamo recompile at every step (shown), and a buffer
+changed in place let the compiled backward read it after the change (wrong gradients, silently: AOTAutograd's
+partitioner may recompute a read of a mutated input in the backward, pytorch/pytorch PR 197039). Cheap backends
+only ('eager', 'aot_eager'): no C compiler needed.
 """
 import copy
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import exp.nb_07 as nb_07
-from exp.nb_07 import FastRunningBatchNorm, RunningBatchNorm
+from exp.nb_07a import FastRunningBatchNorm, RunningBatchNorm
 
 dynamo = pytest.importorskip('torch._dynamo')
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
@@ -66,7 +67,24 @@ def test_compiled_running_batchnorm_compiles_once_in_10_steps_and_matches_eager(
     for (k, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
         if isinstance(a, torch.Tensor): torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=k)
         else: assert b == pytest.approx(a), k  # count and batch, the extra state
-    assert compiled[1].batch.item() == 20 and compiled[1].count.item() == pytest.approx(eager[1].count.item())
+    assert compiled[1].batch_t.item() == 20 and compiled[1].count_t.item() == pytest.approx(eager[1].count, rel=1e-6)
+
+
+def test_notebook_07s_running_batchnorm_recompiles_at_every_step_which_is_why_07a_has_tensors():
+    counter = CompileCounterWithBackend('eager')
+    train(torch.compile(cnn(nb_07.RunningBatchNorm), backend=counter), batches(4))
+    assert counter.frame_count >= 3
+
+
+def test_eager_steps_after_compiled_ones_read_the_tensors_once_and_go_on_with_host_numbers():
+    model, twin = cnn(RunningBatchNorm), cnn(RunningBatchNorm)
+    data = batches(8)
+    train(torch.compile(model, backend=CompileCounterWithBackend('eager')), data[:4])
+    train(twin, data[:4])
+    want, got = train(twin, data[4:]), train(model, data[4:])   # eager now: the first step reads count_t and batch_t
+    for (l1, g1), (l2, g2) in zip(want, got):
+        torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6); torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-6)
+    assert model[1].host_of is model[1].count_t and model[1].batch == twin[1].batch == 16
 
 
 def test_compiled_running_batchnorm_evaluates_after_training_with_one_more_compile():
@@ -81,13 +99,13 @@ def test_compiled_running_batchnorm_evaluates_after_training_with_one_more_compi
     with torch.no_grad(): torch.testing.assert_close(y, model(x))
 
 
-def test_state_is_replaced_not_changed_in_place():
+def test_means_and_vars_are_replaced_not_changed_in_place():
     rbn = RunningBatchNorm(3)
-    before = {k: (v, v._version) for k, v in rbn.named_buffers()}
+    before = {k: (v, v._version) for k, v in rbn.named_buffers() if k in ('means', 'vars')}
     rbn(torch.randn(4, 3, 2, 2))
     for k, (v, version) in before.items():
         assert getattr(rbn, k) is not v and v._version == version, k
-    assert rbn.batch.dtype == torch.int64 and rbn.count.dtype == rbn.means.dtype == torch.float32
+    assert rbn.batch_t.dtype == torch.int64 and rbn.count_t.dtype == rbn.means.dtype == torch.float32
 
 
 def test_count_and_batch_are_saved_as_numbers_and_old_checkpoints_load():
@@ -96,12 +114,13 @@ def test_count_and_batch_are_saved_as_numbers_and_old_checkpoints_load():
     for bs in (2, 5): rbn(torch.randn(bs, 3, 2, 2))
     state = rbn.state_dict()
     assert set(state) == {'mults', 'adds', 'means', 'vars', '_extra_state'}
-    assert state['_extra_state'] == {'count': pytest.approx(rbn.count.item()), 'batch': 7}
+    assert state['_extra_state'] == {'count': pytest.approx(rbn.count), 'batch': 7}
     assert isinstance(state['_extra_state']['count'], float) and isinstance(state['_extra_state']['batch'], int)
     old = {'mults': torch.ones(1, 3, 1, 1), 'adds': torch.zeros(1, 3, 1, 1), 'means': torch.zeros(1, 3, 1, 1), 'vars': torch.ones(1, 3, 1, 1), '_extra_state': {'count': 12.5, 'batch': 30}}
     fresh = FastRunningBatchNorm(3)
     fresh.load_state_dict(old)
-    assert fresh.count.item() == 12.5 and fresh.batch.item() == 30 and fresh.batch.dtype == torch.int64
+    assert (fresh.count, fresh.batch) == (12.5, 30) and (fresh.count_t.item(), fresh.batch_t.item()) == (12.5, 30)
+    assert fresh.batch_t.dtype == torch.int64
 
 
 @pytest.mark.parametrize('RBN', [RunningBatchNorm, FastRunningBatchNorm])
@@ -113,6 +132,7 @@ def test_momentum_takes_a_tensor_batch_size_without_reading_it(RBN):
 
 def test_state_follows_the_module_to_another_device_and_dtype():
     rbn = RunningBatchNorm(3).double()
-    assert rbn.count.dtype == torch.float64 and rbn.batch.dtype == torch.int64
+    assert rbn.count_t.dtype == torch.float64 and rbn.batch_t.dtype == torch.int64
+    assert RunningBatchNorm(3).half().count_t.dtype == torch.float32   # never narrower than float32
     meta = copy.deepcopy(rbn).to('meta')
-    assert meta.count.device.type == meta.batch.device.type == 'meta'
+    assert meta.count_t.device.type == meta.batch_t.device.type == 'meta'
