@@ -378,6 +378,10 @@ def _wait(procs, folder):
             return exits
     return {r: p.exitcode for r, p in enumerate(procs)}
 
+def in_notebook_main(f):
+    "Whether `f` was defined in a notebook's cells (module `__main__` without a file), where no other process can import it."
+    return getattr(f, '__module__', None) == '__main__' and not hasattr(sys.modules['__main__'], '__file__')
+
 @contextlib.contextmanager
 def _no_sigint():
     "Ignore Ctrl-C while processes start, so that they inherit it ignored (only the main thread may change signals)."
@@ -389,9 +393,10 @@ def _no_sigint():
 # %% nbs/07b_distributed.ipynb cell 58
 def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
     "Run `fn(*args)` on `nprocs` new processes, one rank each; print what rank 0 printed; return a `RankResults`."
-    if getattr(fn, '__module__', None) == '__main__' and not hasattr(sys.modules['__main__'], '__file__'):
-        raise ValueError(f'launch: {fn.__name__} is defined in this notebook (module __main__), which the new processes cannot '
-                         f'import: export it (#export, notebook2script.py) and pass the copy from exp')
+    if in_notebook_main(fn): raise ValueError(f'launch: {fn.__name__} is defined in this notebook (module __main__), which the '
+                                             f'new processes cannot import: export it and pass the copy from exp')
+    if in_notebook_main(_worker): raise ValueError("launch: this is the notebook's own launch, whose worker the new processes "
+                                                   "cannot import (it is in __main__): use exp's, `from exp.nb_07b import launch`")
     threads = threads or max(1, (os.cpu_count() or 1) // nprocs)
     warn_if_stale()
     ctx, saved = mp.get_context('spawn'), os.environ.get('MPLBACKEND')
@@ -497,6 +502,6 @@ __all__ = [*_nb_07a_all, 'contextlib', 'datetime', 'importlib', 'inspect', 'io',
            'DistributedCallback', 'per_rank', 'DDPCallback', 'save_model', 'main_first',
            'AllReduceSum', 'all_reduce_sum', 'sync_batch_stats', 'SyncBatchNorm',
            'SyncRunningBatchNorm', 'RankResults', 'RankFailedError', 'RankError', 'error_line',
-           'rendezvous_uri', 'first_error', 'launch', 'definitions', 'stale_names', 'warn_if_stale',
-           'RankTimeoutError', 'TIMEOUT_WORDS', 'is_timeout', 'run_in_group', 'FaultCallback',
-           'DistLateCallback']
+           'rendezvous_uri', 'first_error', 'in_notebook_main', 'launch', 'definitions',
+           'stale_names', 'warn_if_stale', 'RankTimeoutError', 'TIMEOUT_WORDS', 'is_timeout',
+           'run_in_group', 'FaultCallback', 'DistLateCallback']

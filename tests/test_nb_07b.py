@@ -322,3 +322,17 @@ def test_local_device_follows_default_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.setenv('LOCAL_RANK', '3')
     assert nb.local_device() == torch.device('cuda', 1)
+
+
+def test_launch_refuses_what_only_the_notebook_has(monkeypatch):
+    "A function of a notebook's cells (module __main__, no file) cannot be imported by the new processes: one clear error."
+    import types
+    notebook = types.ModuleType('__main__')
+    monkeypatch.setitem(sys.modules, '__main__', notebook)
+    def mine(): pass
+    mine.__module__ = '__main__'
+    with pytest.raises(ValueError, match='mine is defined in this notebook.*export it'): launch(mine)
+    import exp.nb_07b as nb
+    worker = nb._worker
+    monkeypatch.setattr(worker, '__module__', '__main__')
+    with pytest.raises(ValueError, match="notebook's own launch.*from exp.nb_07b import launch"): launch(all_reduce_demo)
