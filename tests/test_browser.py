@@ -5,11 +5,13 @@ Chromium runs headless, driven by Playwright for Python (pointed at /usr/bin/chr
 downloads a browser). The kernels import `exp` from this checkout (PYTHONPATH) and run in quick
 mode (EXP_QUICK=1) on one thread.
 
-- 05b: a copy of the notebook's first cells (the data and `get_learner`) plus one cell that fits
-  with the default `ProgressCallback()`. The live widget bar is seen while it trains; the notebook
-  is saved, its kernel shut down, and it is reopened with a fresh kernel: the epoch table is there
-  and no "Error displaying widget"; `jupyter nbconvert --to html` of the saved file, as notebook
-  viewers render it without a kernel, shows the table and no frozen 0% bar.
+- 05c: a copy of the notebook's first cells (the data and `get_learner`) plus one cell that fits
+  with the default `ProgressCallback()` and one that runs an LR finder and `explore_lr_find`. The
+  live widget bar is seen while it trains; the LR finder's sliders are there and moving one redraws
+  the curve; a cell run after it replaces the sliders by the figure, as an image. The notebook is
+  saved, its kernel shut down, and it is reopened with a fresh kernel: the epoch table and the image
+  are there and no "Error displaying widget"; `jupyter nbconvert --to html` of the saved file, as
+  notebook viewers render it without a kernel, shows the table and no frozen 0% bar.
 - 07: the COMMITTED nbs/07_batchnorm.ipynb, byte for byte, is opened (its kernel starts) and
   closed: no dirty marker on its tab, no "Save changes?" dialog, the file's bytes unchanged.
 
@@ -33,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import browser_support as bs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-NB_05B, NB_07 = ROOT / 'nbs' / '05b_early_stopping.ipynb', ROOT / 'nbs' / '07_batchnorm.ipynb'
-COPY_05B = '05b_progress.ipynb'
+NB_05C, NB_07 = ROOT / 'nbs' / '05c_progress.ipynb', ROOT / 'nbs' / '07_batchnorm.ipynb'
+COPY_05C = '05c_progress_copy.ipynb'
 
 WHY_NOT = bs.missing() or (None if os.environ.get('EXP_DATA_DIR') else
                            'the notebooks need MNIST: set EXP_DATA_DIR (CI sets EXP_DATA_DIR=../shared/data)')
@@ -46,7 +48,7 @@ EPOCHS = 2
 
 FIT_CELL = f"""\
 import time
-from exp.nb_05b import *
+from exp.nb_05c import *
 
 class SlowBatches(Callback):
     "Keeps each batch on screen a little longer, so that the bar and its loss can be seen."
@@ -54,6 +56,13 @@ class SlowBatches(Callback):
 
 run = Runner(cb_funcs=[partial(AvgStatsCallback, accuracy), ProgressCallback, SlowBatches])
 run.fit({EPOCHS}, get_learner())"""
+
+EXPLORE_CELL = """\
+run = Runner(cb_funcs=LR_Find)
+run.fit(2, get_learner())
+explore_lr_find(run.lr_find)"""
+
+NEXT_CELL = "print('the cell after explore_lr_find')"
 
 # Records what the widget bars show while they live: every text of a tqdm widget (description, bar,
 # counter and loss), seen by a MutationObserver, so a bar that lives for a second is not missed.
@@ -90,16 +99,17 @@ NOTEBOOK_STATE = """async (ms) => {
 }"""
 
 
-def copy_05b(dest):
-    """05b's cells up to the one that defines `get_learner` (imports, data, model), then a cell that
-    fits with the default ProgressCallback."""
+def copy_05c(dest):
+    """05c's cells up to the one that defines `get_learner` (imports, data, model), then a cell that
+    fits with the default ProgressCallback and one that explores an LR finder's curve with sliders."""
     import nbformat
-    nb = nbformat.read(str(NB_05B), as_version=4)
+    nb = nbformat.read(str(NB_05C), as_version=4)
     end = next((i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and 'def get_learner' in c.source), None)
-    assert end is not None, f'{NB_05B.name} has no code cell defining get_learner, which the browser test runs'
+    assert end is not None, f'{NB_05C.name} has no code cell defining get_learner, which the browser test runs'
     nb.cells = nb.cells[:end + 1] + [
         nbformat.v4.new_markdown_cell('A fit with the default `ProgressCallback()`.'),
-        nbformat.v4.new_code_cell(FIT_CELL)]
+        nbformat.v4.new_code_cell(FIT_CELL),
+        nbformat.v4.new_code_cell(EXPLORE_CELL)]
     for c in nb.cells:
         if c.cell_type == 'code': c.outputs, c.execution_count = [], None
         if nb.nbformat_minor < 5: c.pop('id', None)   # cell ids came with nbformat 4.5
@@ -111,7 +121,7 @@ def lab(tmp_path_factory):
     base = tmp_path_factory.mktemp('browser')
     root = base / 'root'
     root.mkdir()
-    copy_05b(root / COPY_05B)
+    copy_05c(root / COPY_05C)
     nb07 = NB_07.read_bytes()                   # the committed bytes, read once
     (root / NB_07.name).write_bytes(nb07)
     env = {'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])),
@@ -159,60 +169,130 @@ def table_rows(text):
     return re.findall(r'^\s*(\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+\d+:\d\d\S*\s*$', text, re.M)
 
 
+# The LR finder's sliders in the last cell's output: how many, and the curve's image (its src).
+EXPLORE_STATE = """() => {
+    const cells = document.querySelectorAll('.jp-Notebook .jp-CodeCell');
+    const out = cells[cells.length - 1].querySelector('.jp-OutputArea');
+    const img = out && out.querySelector('img');
+    return {sliders: out ? out.querySelectorAll('.widget-slider').length : 0, img: img ? img.src : null,
+            text: out ? out.innerText : ''};
+}"""
+
+
+def explore_sliders(page):
+    """The LR finder's sliders in the last cell: they are seen with the curve's image, and moving the
+    first one (skip_last, with the keyboard on its handle) redraws the curve. Returns what was seen."""
+    page.wait_for_function(f'() => ({EXPLORE_STATE})().sliders >= 2 && ({EXPLORE_STATE})().img', timeout=UI_MS)
+    before = page.evaluate(EXPLORE_STATE)
+    handle = page.locator('.jp-Notebook .jp-CodeCell').last.locator('.widget-slider .noUi-handle').first
+    handle.focus()
+    for _ in range(5): page.keyboard.press('ArrowRight')
+    try:
+        page.wait_for_function(f'(src) => ({EXPLORE_STATE})().img && ({EXPLORE_STATE})().img !== src',
+                               arg=before['img'], timeout=60_000)
+        redrawn = True
+    except Exception as e:  # noqa: BLE001  (Playwright's TimeoutError: the curve was not redrawn)
+        if type(e).__name__ != 'TimeoutError': raise
+        redrawn = False
+    return {'sliders': before['sliders'], 'redrawn': redrawn, 'text': before['text']}
+
+
+def run_a_cell_after(page, lab):
+    "Adds a code cell at the end, runs it, waits for the kernel: `explore_lr_find`'s sliders become an image."
+    command(page, 'notebook:insert-cell-below')
+    page.evaluate("(src) => window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel.setSource(src)",
+                  NEXT_CELL)
+    command(page, 'notebook:run-cell')
+    page.wait_for_function("() => [...document.querySelectorAll('.jp-OutputArea-output')].some("
+                           "o => o.innerText.includes('the cell after explore_lr_find'))", timeout=UI_MS)
+    bs.wait_for(lambda: lab.kernels_idle(1), KERNEL_S, 'the cell after explore_lr_find to end')
+    page.wait_for_timeout(1000)
+
+
+def explore_output(page):
+    "The explore cell's output (the last code cell but one): its images, sliders and widget errors."
+    cells = page.locator('.jp-Notebook .jp-CodeCell')
+    out = cells.nth(cells.count() - 2).locator('.jp-OutputArea')
+    return {'imgs': out.locator('img').count(), 'sliders': out.locator('.widget-slider').count(),
+            'text': out.inner_text()}
+
+
 @pytest.fixture(scope='module')
-def fitted_05b(lab, page):
-    """Runs the copy of 05b in the browser, saves it, shuts its kernel down and reopens it with a
-    fresh one. Returns what was seen: the bar's texts during the fit, the page's text after it, the
-    saved file's text, and the reopened notebook's text."""
+def fitted_05c(lab, page):
+    """Runs the copy of 05c in the browser, moves the LR finder's slider, runs a cell after it, saves
+    the notebook, shuts its kernel down and reopens it with a fresh one. Returns what was seen: the
+    bar's texts during the fit, the fit cell's text after it, the sliders, the explore cell's output
+    after the next cell ran, the saved file's text, and the reopened notebook's text and explore output."""
     seen = {}
-    open_notebook(lab, page, COPY_05B)
+    open_notebook(lab, page, COPY_05C)
     page.evaluate(WATCH_BARS)
     page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
-    out = page.locator('.jp-Notebook .jp-Cell').last.locator('.jp-OutputArea')
+    cells = page.locator('.jp-Notebook .jp-CodeCell')
+    out = cells.nth(cells.count() - 2).locator('.jp-OutputArea')   # the fit's cell
     page.wait_for_function(RUN_ALL_DONE, timeout=FIT_S * 1000)
     bs.wait_for(lambda: lab.kernels_idle(1), KERNEL_S, 'the fit to end')
     seen['bars'] = page.evaluate('() => window.__bars')
     seen['after_fit'] = out.inner_text()
     errors = [t for t in page.locator('.jp-OutputArea-output').all_inner_texts() if 'Traceback (most recent' in t]
-    assert not errors, f'the copy of 05b failed in the browser:\n{errors[0][-3000:]}'
+    assert not errors, f'the copy of 05c failed in the browser:\n{errors[0][-3000:]}'
+    seen['explore'] = explore_sliders(page)
+    run_a_cell_after(page, lab)
+    seen['explore_after'] = explore_output(page)
     command(page, 'docmanager:save')
-    path = lab.root / COPY_05B
-    bs.wait_for(lambda: not current_tab_dirty(page) and 'train_loss' in path.read_text(), 60, 'the save')
+    path = lab.root / COPY_05C
+    bs.wait_for(lambda: not current_tab_dirty(page) and 'the cell after explore_lr_find' in path.read_text(), 60, 'the save')
     seen['saved'] = path.read_text()
 
     lab.shutdown_kernels()                      # reopened with a fresh kernel
     command(page, 'application:close-all')
-    open_notebook(lab, page, COPY_05B)
+    open_notebook(lab, page, COPY_05C)
     page.wait_for_timeout(3000)                 # widget views render (or fail to) after the cells
     seen['reopened'] = page.locator('.jp-NotebookPanel .jp-Notebook').inner_text()
+    seen['reopened_explore'] = explore_output(page)
     seen['path'] = path
     lab.shutdown_kernels()
     command(page, 'application:close-all')
     return seen
 
 
-def test_05b_fit_shows_a_live_widget_bar_with_the_loss(fitted_05b):
-    bars = fitted_05b['bars']
+def test_05c_fit_shows_a_live_widget_bar_with_the_loss(fitted_05c):
+    bars = fitted_05c['bars']
     assert any('epoch 0 train' in b for b in bars), f'no live bar seen; texts seen: {bars[:5]}'
     assert any(re.search(r'loss \d+\.\d{4}', b) for b in bars), f'no loss on the bar: {bars[-5:]}'
-    rows = table_rows(fitted_05b['after_fit'])
-    assert [r[0] for r in rows] == [str(i) for i in range(EPOCHS)], fitted_05b['after_fit']
-    assert 'train_loss' in fitted_05b['after_fit'] and 'accuracy' in fitted_05b['after_fit']
+    rows = table_rows(fitted_05c['after_fit'])
+    assert [r[0] for r in rows] == [str(i) for i in range(EPOCHS)], fitted_05c['after_fit']
+    assert 'train_loss' in fitted_05c['after_fit'] and 'accuracy' in fitted_05c['after_fit']
 
 
-def test_05b_saved_and_reopened_with_a_fresh_kernel_shows_the_table_and_no_widget_error(fitted_05b):
-    text = fitted_05b['reopened']
+def test_05c_saved_and_reopened_with_a_fresh_kernel_shows_the_table_and_no_widget_error(fitted_05c):
+    text = fitted_05c['reopened']
     assert [r[0] for r in table_rows(text)] == [str(i) for i in range(EPOCHS)], text[-2000:]
     assert 'Error displaying widget' not in text, (
         f"{text.count('Error displaying widget')} widget errors in the reopened notebook: the saved "
         f"file keeps the outputs of closed tqdm bars (issue 18 item 1)")
 
 
-def test_05b_saved_notebook_rendered_to_html_shows_the_table_and_no_frozen_bar(fitted_05b, tmp_path):
+def test_05c_lr_finder_sliders_redraw_the_curve_and_leave_an_image(fitted_05c):
+    explore, after = fitted_05c['explore'], fitted_05c['explore_after']
+    assert explore['sliders'] >= 2 and 'skip_last' in explore['text'] and 'smoothing' in explore['text'], explore
+    assert explore['redrawn'], 'moving the skip_last slider did not redraw the curve'
+    assert after['imgs'] == 1 and after['sliders'] == 0, after    # the next cell ran: the figure, as an image
+
+
+def test_05c_reopened_notebook_shows_the_lr_finder_image_and_no_widget_error(fitted_05c):
+    reopened = fitted_05c['reopened_explore']
+    assert reopened['imgs'] == 1 and reopened['sliders'] == 0, reopened
+    assert 'Error displaying widget' not in reopened['text'] and 'Error displaying widget' not in fitted_05c['reopened']
+    saved = json.loads(fitted_05c['saved'])
+    explore = [c for c in saved['cells'] if 'explore_lr_find(' in ''.join(c['source'])][0]
+    assert [set(o.get('data', {})) for o in explore['outputs']] == [{'image/png', 'text/plain'}], explore['outputs']
+
+
+def test_05c_saved_notebook_rendered_to_html_shows_the_table_and_no_frozen_bar(fitted_05c, tmp_path):
     res = subprocess.run([sys.executable, '-m', 'jupyter', 'nbconvert', '--to', 'html', '--output-dir',
-                          str(tmp_path), str(fitted_05b['path'])], capture_output=True, text=True, timeout=180)
+                          str(tmp_path), str(fitted_05c['path'])], capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
-    html = (tmp_path / (Path(COPY_05B).stem + '.html')).read_text()
+    html = (tmp_path / (Path(COPY_05C).stem + '.html')).read_text()
     assert 'train_loss' in html and len(table_rows(re.sub(r'<[^>]+>', '', html))) == EPOCHS
     frozen = re.findall(r'(?<![\d.])0%\|[^\n<]*', html)
     assert not frozen, f'{len(frozen)} frozen bars in the HTML, e.g. {frozen[0]!r} (issue 18 item 1)'
@@ -261,14 +341,14 @@ def test_07_committed_notebook_opens_and_closes_unmodified(lab, page):
     assert path.read_bytes() == committed
 
 
-def test_07_in_the_form_jupyterlab_writes_opens_and_closes_unmodified(lab, page, fitted_05b):
+def test_07_in_the_form_jupyterlab_writes_opens_and_closes_unmodified(lab, page, fitted_05c):
     """A control for the test above, and the form run_notebooks.py must write: 07's cells with the
-    notebook metadata JupyterLab saved into the 05b copy (what the kernel reports), nbformat 4.5 with
+    notebook metadata JupyterLab saved into the 05c copy (what the kernel reports), nbformat 4.5 with
     cell ids, `nbformat.writes` and a trailing newline. Opened and closed, it is unmodified; saved, its
     bytes do not change."""
     import nbformat
     nb = nbformat.from_dict(json.loads(NB_07.read_text()))
-    nb.metadata = nbformat.from_dict(json.loads(fitted_05b['saved'])['metadata'])
+    nb.metadata = nbformat.from_dict(json.loads(fitted_05c['saved'])['metadata'])
     nb.nbformat_minor = 5
     for i, c in enumerate(nb.cells): c.setdefault('id', f'cell-{i}')
     text = nbformat.writes(nb) + '\n'
