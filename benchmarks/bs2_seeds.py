@@ -6,11 +6,12 @@
 
 The same model (the lesson's: filters 8-16-32-64-64, the last convolution sees 1x1 pixels), data, callbacks and
 learning rate as notebook 07's cells, one torch thread. Every finished run is written at once to
-results/bs2_seeds.json (so an interrupted run resumes where it stopped, and runs already there are skipped);
+results/bs2_seeds.json (so an interrupted run resumes where it stopped; a run already there is skipped unless the
+norm layer's code has changed since);
 results/bs2_seeds.md is the table: per norm, the accuracy of each seed, their mean and range. Each run is one to a
 few minutes on a 2-core CPU.
 """
-import argparse, contextlib, datetime, io, json, math, os, platform, sys, time
+import argparse, contextlib, datetime, hashlib, inspect, io, json, math, os, platform, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,16 @@ NOTEBOOK = {'BatchNorm2d': 'nn.BatchNorm2d', 'BatchNorm': 'BatchNorm', 'GroupNor
             'RunningBatchNorm': 'RunningBatchNorm'}
 RECIPE = ("notebook 07's batch-size-2 cells: the lesson's CNN (conv 8-16-32-64-64, the last sees 1x1 pixels; Kaiming init, "
           "ReLU, then the norm), SGD at a constant lr of 0.4, batch size 2, one epoch of the 50,000 training images, "
-          "the norm layers of exp.nb_07; accuracy on the 10,000 validation images in evaluation mode")
+          "the norm layers of exp.nb_07; the data normalised with torch's default threads (as in the notebook), the fits "
+          "on one thread; accuracy on the 10,000 validation images in evaluation mode")
+
+
+def code_of(nb, norm):
+    "A short hash of the norm layer's code (torch's version for nn.BatchNorm2d): a run made with other code is re-run."
+    layer = NORMS[norm](nb)
+    layer = getattr(layer, 'func', layer)
+    src = nb.torch.__version__ if layer.__module__.startswith('torch') else inspect.getsource(layer)
+    return hashlib.sha256(src.encode()).hexdigest()[:12]
 
 
 def run_one(nb, data2, norm, seed):
@@ -39,7 +49,7 @@ def run_one(nb, data2, norm, seed):
     (tl, ta), (vl, va) = run.avg_stats.train_stats.avg_stats, run.avg_stats.valid_stats.avg_stats
     def num(v): v = float(v); return v if math.isfinite(v) else None
     return {'norm': norm, 'seed': seed, 'valid_acc': num(va), 'valid_loss': num(vl), 'train_acc': num(ta),
-            'train_loss': num(tl), 'steps': len(data2.train_dl), 'seconds': round(seconds, 1)}
+            'train_loss': num(tl), 'code': code_of(nb, norm), 'steps': len(data2.train_dl), 'seconds': round(seconds, 1)}
 
 
 def table(results):
@@ -58,7 +68,8 @@ def table(results):
         cells = [f"{rs[s]['valid_acc'] * 100:.1f}" if s in rs and rs[s]['valid_acc'] is not None else ('NaN' if s in rs else '…')
                  for s in seeds]
         rng = f'{min(accs):.1f}-{max(accs):.1f}' if len(accs) > 1 else ''
-        lines.append(f'| {NOTEBOOK[norm]} | ' + ' | '.join(cells) + f' | {sum(accs) / len(accs):.1f} | {rng} |')
+        mean = f'{sum(accs) / len(accs):.1f}' if accs else ''
+        lines.append(f'| {NOTEBOOK[norm]} | ' + ' | '.join(cells) + f' | {mean} | {rng} |')
     lines += ['', '… : not run. Notebook 07 runs seed 1.']
     return '\n'.join(lines) + '\n'
 
@@ -83,18 +94,21 @@ def main(argv=None):
         write_atomic(md_path, table(json.loads(json_path.read_text())))
         print(md_path.read_text()); return
     import exp.nb_07 as nb
-    nb.torch.set_num_threads(1)
+    x_train, y_train, x_valid, y_valid = nb.get_data()
+    x_train, x_valid = nb.normalize_to(x_train, x_valid)   # with torch's default threads, as notebook 07: the mean's
+    nb.torch.set_num_threads(1)                            # last bit depends on the threads, and changes the runs
     results = json.loads(json_path.read_text()) if json_path.exists() else {'runs': {}}
+    if results['runs'] and results['meta']['recipe'] != RECIPE:
+        p.error(f'{json_path} holds runs of another recipe ({results["meta"]["recipe"]}): move it away or pass --out')
     results['meta'] = {
         'command': 'python benchmarks/bs2_seeds.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:])),
         'machine': f'{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread',
         'torch': nb.torch.__version__, 'date': datetime.date.today().isoformat(), 'recipe': RECIPE}
-    x_train, y_train, x_valid, y_valid = nb.get_data()
-    x_train, x_valid = nb.normalize_to(x_train, x_valid)
     data2 = nb.DataBunch(*nb.get_dls(nb.Dataset(x_train, y_train), nb.Dataset(x_valid, y_valid), 2), 10)
     for seed in args.seeds:
         for norm in args.norms:
-            if f'{norm}/seed{seed}' in results['runs']: continue
+            done = results['runs'].get(f'{norm}/seed{seed}')
+            if done and done.get('code') == code_of(nb, norm): continue   # made with the layer's current code
             r = run_one(nb, data2, norm, seed)
             results['runs'][f'{norm}/seed{seed}'] = r
             write(results, json_path, md_path)
