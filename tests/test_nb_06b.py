@@ -485,3 +485,26 @@ def test_explore_telemetry_draws_a_plain_figure_outside_a_kernel(plt_agg):
     assert len(plt_agg.gcf().axes[0].lines[0].get_xdata()) == 3 and plt_agg.gcf().axes[0].get_title().startswith('1: ')
     with pytest.raises(ValueError, match='nothing to plot'): explore_telemetry([])
 
+
+
+def test_explore_telemetry_in_a_kernel_adds_sliders_over_layer_and_steps(plt_agg, monkeypatch):
+    "In a notebook kernel: the plain figure first (what a saved notebook keeps), then `interact` with the two sliders."
+    ipywidgets = pytest.importorskip('ipywidgets')
+    import exp.nb_06b as nb_06b
+    data = image_bunch()
+    learn, run = get_runner(get_cnn_model(data, NFS, conv_layer), data, cbs=cbfs() + [ActivationStatsCallback])
+    run.fit(1, learn)
+    calls = []
+    def interact(f, **widgets):
+        calls.append(widgets)
+        f(layer=widgets['layer'].max, steps=(1, 3))   # as moving the sliders would
+    monkeypatch.setattr(nb_06b, 'in_notebook', lambda: True)
+    monkeypatch.setattr(ipywidgets, 'interact', interact)
+    shown = []
+    monkeypatch.setattr(nb_06b.plt, 'show', lambda: shown.append(len(plt_agg.get_fignums())))
+    explore_telemetry(run.activation_stats.hooks)
+    assert shown == [1] and len(calls) == 1   # the static figure was shown before the sliders were made
+    layer, steps = calls[0]['layer'], calls[0]['steps']
+    assert (layer.min, layer.max) == (0, len(run.activation_stats.hooks) - 1) and (steps.min, steps.max, steps.value) == (0, 5, (0, 5))
+    axes = plt_agg.gcf().axes
+    assert axes[0].get_title().startswith(f'{layer.max}: ') and len(axes[0].lines[0].get_xdata()) == 2
