@@ -2,7 +2,7 @@
 
 # %% nbs/07b_distributed.ipynb cell 1
 from exp.nb_07a import *
-import contextlib, datetime, importlib, inspect, io, logging, multiprocessing.connection, shutil, signal, sys, tempfile, threading, time, traceback, warnings
+import contextlib, datetime, importlib, inspect, io, logging, multiprocessing.connection, pickle, shutil, signal, sys, tempfile, threading, time, traceback, warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 import torch.distributed as dist
@@ -382,6 +382,20 @@ def in_notebook_main(f):
     "Whether `f` was defined in a notebook's cells (module `__main__` without a file), where no other process can import it."
     return getattr(f, '__module__', None) == '__main__' and not hasattr(sys.modules['__main__'], '__file__')
 
+class _MainFinder(pickle.Pickler):
+    "A pickler that notes the functions and classes of a notebook's `__main__` that it meets."
+    def reducer_override(self, obj):
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and in_notebook_main(obj): self.found.append(obj.__qualname__)
+        return NotImplemented
+
+def from_notebook_main(obj):
+    "The names of the functions and classes of a notebook's cells that sending `obj` to another process would need."
+    finder = _MainFinder(io.BytesIO())
+    finder.found = []
+    try: finder.dump(obj)
+    except (pickle.PicklingError, TypeError, AttributeError): pass   # what does not pickle at all fails at `Process.start`
+    return list(dict.fromkeys(finder.found))
+
 @contextlib.contextmanager
 def _no_sigint():
     "Ignore Ctrl-C while processes start, so that they inherit it ignored (only the main thread may change signals)."
@@ -393,8 +407,9 @@ def _no_sigint():
 # %% nbs/07b_distributed.ipynb cell 58
 def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
     "Run `fn(*args)` on `nprocs` new processes, one rank each; print what rank 0 printed; return a `RankResults`."
-    if in_notebook_main(fn): raise ValueError(f'launch: {fn.__name__} is defined in this notebook (module __main__), which the '
-                                             f'new processes cannot import: export it and pass the copy from exp')
+    if names := from_notebook_main((fn, args)): raise ValueError(
+        f'launch: {", ".join(names)} defined in this notebook (module __main__), which the new processes cannot import: '
+        f'export it and send the copy from exp (`from exp.nb_07b import ...`)')
     if in_notebook_main(_worker): raise ValueError("launch: this is the notebook's own launch, whose worker the new processes "
                                                    "cannot import (it is in __main__): use exp's, `from exp.nb_07b import launch`")
     threads = threads or max(1, (os.cpu_count() or 1) // nprocs)
@@ -493,7 +508,7 @@ class DistLateCallback(Callback):
 
 from exp.nb_07a import __all__ as _nb_07a_all
 __all__ = [*_nb_07a_all, 'contextlib', 'datetime', 'importlib', 'inspect', 'io', 'logging',
-           'multiprocessing', 'shutil', 'signal', 'sys', 'tempfile', 'threading', 'time',
+           'multiprocessing', 'pickle', 'shutil', 'signal', 'sys', 'tempfile', 'threading', 'time',
            'traceback', 'warnings', 'dataclass', 'NamedTuple', 'dist', 'mp', 'DDP', 'is_dist',
            'get_rank', 'get_world_size', 'is_main', 'dist_backend', 'local_device', 'comm_device',
            'DEFAULT_TIMEOUT', 'init_distributed', 'AllReduced', 'all_reduce_demo', 'ShardSampler',
@@ -502,6 +517,6 @@ __all__ = [*_nb_07a_all, 'contextlib', 'datetime', 'importlib', 'inspect', 'io',
            'DistributedCallback', 'per_rank', 'DDPCallback', 'save_model', 'main_first',
            'AllReduceSum', 'all_reduce_sum', 'sync_batch_stats', 'SyncBatchNorm',
            'SyncRunningBatchNorm', 'RankResults', 'RankFailedError', 'RankError', 'error_line',
-           'rendezvous_uri', 'first_error', 'in_notebook_main', 'launch', 'definitions',
-           'stale_names', 'warn_if_stale', 'RankTimeoutError', 'TIMEOUT_WORDS', 'is_timeout',
-           'run_in_group', 'FaultCallback', 'DistLateCallback']
+           'rendezvous_uri', 'first_error', 'in_notebook_main', 'from_notebook_main', 'launch',
+           'definitions', 'stale_names', 'warn_if_stale', 'RankTimeoutError', 'TIMEOUT_WORDS',
+           'is_timeout', 'run_in_group', 'FaultCallback', 'DistLateCallback']

@@ -330,8 +330,11 @@ def test_launch_refuses_what_only_the_notebook_has(monkeypatch):
     notebook = types.ModuleType('__main__')
     monkeypatch.setitem(sys.modules, '__main__', notebook)
     def mine(): pass
-    mine.__module__ = '__main__'
-    with pytest.raises(ValueError, match='mine is defined in this notebook.*export it'): launch(mine)
+    class MyCallback(Callback): pass
+    for f in (mine, MyCallback): f.__module__, f.__qualname__ = '__main__', f.__name__; setattr(notebook, f.__name__, f)
+    with pytest.raises(ValueError, match='mine defined in this notebook.*export it'): launch(mine)
+    with pytest.raises(ValueError, match=r'^launch: MyCallback defined in this notebook'):   # in what is sent, too
+        launch(fit_workers, args=([(partial(get_learn_run, cbs=[MyCallback()]),)],))
     import exp.nb_07b as nb
     worker = nb._worker
     monkeypatch.setattr(worker, '__module__', '__main__')
