@@ -133,18 +133,24 @@ class StopOnNanCallback(Callback):
         if stop: raise CancelTrainException()
 # %% nbs/05c_progress.ipynb cell 29
 class Runner(Runner):
-    "05b's `Runner`, failing well: bad arguments are refused at once, and every callback's `after_fit` runs whatever fails."
-    state = ('cbs', 'learn', 'epochs', 'epoch', 'iters', 'xb', 'yb', 'pred', 'loss', 'in_train', 'n_epochs', 'n_iter')
+    "05b's `Runner`, failing well (bad arguments refused at once, every `after_fit` run whatever fails) and sending each event only to the callbacks that handle it."
+    state = ('cbs', 'learn', 'epochs', 'epoch', 'iters', 'xb', 'yb', 'pred', 'loss', 'in_train', 'n_epochs', 'n_iter', 'handlers', 'callers_error')
     def __init__(self, cbs=None, cb_funcs=None):
         check_cb_args(listify(cbs), listify(cb_funcs), Callback)
         super().__init__(cbs, cb_funcs)
     def add_cb(self, cb):
         check_cb_name(self, cb)
         super().add_cb(cb)
+        self.handlers = {}
     def fit(self, epochs, learn):
         check_epochs(epochs)
-        self.callers_error = sys.exc_info()[1]   # an error the caller is handling, not one of this fit
+        self.callers_error, self.handlers = sys.exc_info()[1], {}   # an error the caller is handling is not this fit's
         if epochs: super().fit(epochs, learn)
+    def __call__(self, cb_name):
+        "Send event `cb_name` to the callbacks that have a method for it (or their own `__call__`), found once per fit."
+        if cb_name not in self.handlers:
+            self.handlers[cb_name] = [cb for cb in self.cbs if hasattr(cb, cb_name) or type(cb).__call__ is not Callback.__call__]
+        return any([cb(cb_name) for cb in self.handlers[cb_name]])
     def end_fit(self):
         "Every callback's `after_fit`, even after a failure; the fit's own error goes on, or the first `after_fit` error is raised, the later ones noted on it."
         error = sys.exc_info()[1]   # the error the fit is failing with, if any
@@ -176,7 +182,7 @@ class ParamScheduler(ParamScheduler):
         n = len(self.opt.param_groups)
         if len(self.funcs) != n: raise ValueError(f"ParamScheduler({self.pname!r}): {len(self.funcs)} schedules for {n} parameter groups")
         check_hyper_param(self.opt, self.pname)
-# %% nbs/05c_progress.ipynb cell 35
+# %% nbs/05c_progress.ipynb cell 37
 def lr_find_figure(lrf, skip_last=0, beta=None):
     "The LR finder's curve in a figure of its own, its loss smoothed with `beta` (by default the finder's own)."
     saved, lrf.smooth_beta = lrf.smooth_beta, lrf.smooth_beta if beta is None else beta

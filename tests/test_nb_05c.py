@@ -525,3 +525,29 @@ def test_explore_lr_find_leaves_an_image_in_the_saved_notebook(tmp_path):
     assert 'image/png' in outputs[0].data and 'application/vnd.jupyter.widget-view+json' not in outputs[0].data
     nb.metadata.pop('widgets', None)   # as run_notebooks.py saves it
     assert 'widget-view' not in nbformat.writes(nb)
+
+
+# --- the events go only to the callbacks that handle them ------------------------------------------
+
+def test_05c_runner_sends_each_event_only_to_the_callbacks_that_handle_it(monkeypatch):
+    calls = []
+    original = Callback.__call__
+    monkeypatch.setattr(Callback, '__call__', lambda self, name: calls.append((type(self).__name__, name)) or original(self, name))
+    class Counts(Callback):
+        _order = 2
+        def after_step(self): seen.append(('counts', self.n_iter))
+    class First(Callback):
+        _order = -1
+        def after_step(self): seen.append(('first', self.n_iter))
+    seen, log = [], Log()
+    run = Runner(cbs=log, cb_funcs=[Counts, First])
+    run.fit(2, toy_learner())
+    assert log.log == FIT                                            # a callback with its own __call__ gets every event
+    # (after_fit goes to every callback: end_fit calls each one on its own, so that one failing stops none)
+    assert {name for cls, name in calls if cls == 'Counts'} == {'after_step', 'after_fit'}
+    assert {name for cls, name in calls if cls == 'TrainEvalCallback'} == {'begin_fit', 'after_batch', 'begin_epoch', 'begin_validate', 'after_fit'}
+    assert seen == [(who, i) for i in range(6) for who in ('first', 'counts')]   # in _order, at every step
+    calls.clear()
+    run.add_cb(type('Late', (Callback,), {'after_epoch': lambda self: seen.append('late')})())   # added between fits
+    run.fit(1, toy_learner())
+    assert seen[-1] == 'late'
