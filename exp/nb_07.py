@@ -60,7 +60,7 @@ def conv_layer(ni, nf, ks=3, stride=2, bn=True, norm=None, bias=None, **kwargs):
     layers = [nn.Conv2d(ni, nf, ks, padding=ks // 2, stride=stride, bias=bias), GeneralRelu(**kwargs)]
     if bn: layers.append((norm or BatchNorm)(nf))
     return nn.Sequential(*layers)
-# %% nbs/07_batchnorm.ipynb cell 23
+# %% nbs/07_batchnorm.ipynb cell 26
 class LayerNorm(nn.Module):
     "Normalise each item over all its channels and pixels (dims 1, 2, ...); one scalar `mult` and `add`."
     def __init__(self, eps=1e-5):
@@ -78,7 +78,7 @@ class LayerNorm(nn.Module):
         v = (xf - m).pow(2).mean(dims, keepdim=True)
         xf = (xf - m) / (v + self.eps).sqrt()
         return (xf * self.mult + self.add).to(x.dtype)
-# %% nbs/07_batchnorm.ipynb cell 28
+# %% nbs/07_batchnorm.ipynb cell 35
 class InstanceNorm(nn.Module):
     "Normalise each channel of each item of `(N, nf, H, W)` over its pixels; per-channel `mults` and `adds`."
     def __init__(self, nf, eps=1e-0):
@@ -95,7 +95,7 @@ class InstanceNorm(nn.Module):
         v = (xf - m).pow(2).mean((2, 3), keepdim=True)
         xf = (xf - m) / (v + self.eps).sqrt()
         return (xf * self.mults + self.adds).to(x.dtype)
-# %% nbs/07_batchnorm.ipynb cell 33
+# %% nbs/07_batchnorm.ipynb cell 42
 class GroupNorm(nn.Module):
     "Split the `nf` channels of `(N, nf, H, W)` into `groups`; normalise each group of each item; per-channel `mults`, `adds`."
     def __init__(self, groups, nf, eps=1e-5):
@@ -116,7 +116,7 @@ class GroupNorm(nn.Module):
         v = (g - m).pow(2).mean(2, keepdim=True)
         xf = ((g - m) / (v + self.eps).sqrt()).view_as(x)
         return (xf * self.mults + self.adds).to(x.dtype)
-# %% nbs/07_batchnorm.ipynb cell 56
+# %% nbs/07_batchnorm.ipynb cell 71
 class RunningBatchNorm(nn.Module):
     """Batch norm that normalises with running statistics in training too, so that tiny batches work.
 
