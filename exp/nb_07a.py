@@ -6,35 +6,37 @@ import warnings
 # %% nbs/07a_fast_norms.ipynb cell 14
 class RunningBatchNorm(RunningBatchNorm):
     """Notebook 07's `RunningBatchNorm`, engineered: `count` and `batch` are host numbers in eager mode and 0-dim tensors
-    (`count_t`, `batch_t`, replaced, never changed in place) under `torch.compile` or for tensor batch sizes (07b), so that
-    nothing waits for the device and the layer compiles once; a channel whose merged statistics are not finite keeps its
+    (`count_t`, `batch_t`, replaced, never changed in place) under `torch.compile` or for tensor batch sizes (07b), each
+    form brought up to date from the other when needed, so that nothing waits for the device and the layer compiles once; a channel whose merged statistics are not finite keeps its
     old ones; the count stays in float32 or wider whatever the layer's dtype; a state dict without `count` warns."""
     def __init__(self, nf, mom=0.1, eps=1e-5):
         super().__init__(nf, mom, eps)
         self.register_buffer('count_t', torch.tensor(0.), persistent=False)  # count and batch as tensors
         self.register_buffer('batch_t', torch.tensor(0), persistent=False)
-        self.host_of = self.count_t  # the host numbers are current while `count_t` is this tensor
+        self.host_of = (self.count_t,)  # both forms current while `count_t` is this tensor; None: only the host numbers
 
     def get_extra_state(self): return dict(zip(('count', 'batch'), self.state(False)))
     def set_extra_state(self, state): self.set_state(float(state['count']), int(state['batch']))
 
     def state(self, tensors, dtype=torch.float32):
-        "`(count, batch)`: 0-dim tensors if `tensors`, else host numbers (read once after steps in the tensor form)."
-        if tensors: return self.count_t.to(dtype), self.batch_t
-        if self.host_of is not self.count_t:
-            self.count, self.batch, self.host_of = self.count_t.item(), self.batch_t.item(), self.count_t
+        "`(count, batch)`: 0-dim tensors if `tensors` (made from the host numbers if behind), else host numbers (read if behind)."
+        if tensors:
+            if self.host_of is None:   # new tensors, filled on the device from host numbers: nothing waits
+                self.count_t = torch.full_like(self.count_t, self.count); self.batch_t = torch.full_like(self.batch_t, self.batch)
+                self.host_of = (self.count_t,)
+            return self.count_t.to(dtype), self.batch_t
+        if self.host_of is not None and self.host_of[0] is not self.count_t:   # after steps in the tensor form: read once
+            self.count, self.batch, self.host_of = self.count_t.item(), self.batch_t.item(), (self.count_t,)
         return self.count, self.batch
 
     def set_state(self, count, batch):
-        "New tensors replace `count_t` and `batch_t`; new numbers are kept on the host and filled into them (no sync)."
+        "New tensors replace `count_t` and `batch_t`; new host numbers leave them behind (`host_of = None`) until needed."
         if isinstance(count, torch.Tensor): self.count_t, self.batch_t = count, batch
-        else:
-            self.count, self.batch, self.host_of = count, batch, self.count_t
-            self.count_t.fill_(count); self.batch_t.fill_(batch)
+        else: self.count, self.batch, self.host_of = count, batch, None
 
-    def tensor_form(self, bs=0):
-        "Count in tensors under torch.compile, for a tensor batch size, and after steps in the tensor form (no host read)."
-        return torch.compiler.is_compiling() or isinstance(bs, torch.Tensor) or self.host_of is not self.count_t
+    def tensor_form(self):
+        "The early clamp on the device: under torch.compile, and while the tensors are ahead of the host numbers."
+        return torch.compiler.is_compiling() or (self.host_of is not None and self.host_of[0] is not self.count_t)
 
     def momentum(self, bs):
         "The lesson's momentum for a batch of `bs` items, a number or a tensor (never read on the host)."
@@ -49,8 +51,9 @@ class RunningBatchNorm(RunningBatchNorm):
         mom = self.momentum(bs)
         count = count * (1 - mom) + mom * n
         share = mom * n / count
+        d = means - m
         mean = torch.lerp(means, m, share)
-        var = torch.lerp(vars, v, share) + share * (1 - share) * (means - m) ** 2
+        var = torch.addcmul(torch.lerp(vars, v, share), d, d * (share * (1 - share)))   # fewer operations than 07's form
         with torch.no_grad():
             ok = var.isfinite()                         # decided on the device: nothing waits
             self.means, self.vars = torch.where(ok, mean, means), torch.where(ok, var, vars)
@@ -73,10 +76,10 @@ class RunningBatchNorm(RunningBatchNorm):
 
     def _apply(self, fn, *args, **kwargs):
         "Move `count_t` with the layer, never to a narrower dtype: a float16 count overflows at 65504."
-        count, current = self.count_t, self.host_of is self.count_t
+        count, current = self.count_t, self.host_of is not None and self.host_of[0] is self.count_t   # (None stays None)
         super()._apply(fn, *args, **kwargs)
         self.count_t = count.to(self.count_t.device, torch.promote_types(count.dtype, self.count_t.dtype))
-        if current: self.host_of = self.count_t
+        if current: self.host_of = (self.count_t,)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args):

@@ -157,11 +157,13 @@ def test_tensor_form_replaces_its_state_and_never_reads_a_device_value(RBN, monk
 
 
 @RBNS
-def test_eager_steps_keep_count_and_batch_on_the_host_and_mirror_them_in_the_tensors(RBN):
+def test_eager_steps_keep_count_and_batch_on_the_host_and_make_the_tensors_only_when_asked(RBN):
     rbn = RBN(4)
+    before = rbn.count_t
     for bs in (2, 5, 1): rbn(batch((bs, 4, 3, 3), seed=bs))
-    assert isinstance(rbn.count, float) and rbn.batch == 8 and rbn.host_of is rbn.count_t
-    assert rbn.count_t.item() == pytest.approx(rbn.count, rel=1e-6) and rbn.batch_t.item() == 8
+    assert isinstance(rbn.count, float) and rbn.batch == 8 and rbn.host_of is None and rbn.count_t is before
+    count, seen = rbn.state(True)
+    assert count.item() == pytest.approx(rbn.count, rel=1e-6) and seen.item() == 8 and rbn.host_of[0] is rbn.count_t
 
 
 @RBNS
@@ -170,8 +172,10 @@ def test_count_tensor_keeps_float32_or_wider_when_the_layer_changes_dtype(RBN):
     for step in range(3): rbn(batch((512, 4, 14, 14), seed=step))   # a count of about 96,000: past float16's 65504
     count = rbn.count
     half = copy.deepcopy(rbn).half()
-    assert half.count_t.dtype == torch.float32 and half.count_t.item() == pytest.approx(count, rel=1e-6)
-    assert half.host_of is half.count_t and half.count == count   # the host numbers stay current: nothing to read
+    assert half.count == count and half.state(False)[0] == count   # the host numbers stay current: nothing to read
+    assert half.count_t.dtype == torch.float32 and half.state(True)[0].item() == pytest.approx(count, rel=1e-6)
+    half.state(False)   # both forms current now, and after a conversion too
+    assert half.half().host_of[0] is half.count_t and half.count_t.dtype == torch.float32
     assert copy.deepcopy(rbn).double().count_t.dtype == torch.float64
     meta = copy.deepcopy(rbn).to('meta')
     assert meta.count_t.device.type == meta.batch_t.device.type == 'meta'
