@@ -194,8 +194,9 @@ def lr_find_figure(lrf, skip_last=0, beta=None):
 
 def explore_lr_find(lrf, skip_last=5):
     "Sliders for `skip_last` and the smoothing over `lrf`'s curve; the plain figure where widgets cannot be drawn."
+    if not in_notebook(): return lrf.plot(skip_last)   # IPython may not even be installed
     from IPython.display import display, DisplayHandle
-    if widgets_missing(): return display(lr_find_figure(lrf, skip_last)) if in_notebook() else lrf.plot(skip_last)
+    if widgets_missing(): return display(lr_find_figure(lrf, skip_last))
     import ipywidgets
     sliders = ipywidgets.interactive(lambda skip_last, beta: display(lr_find_figure(lrf, skip_last, beta)),
         skip_last=ipywidgets.IntSlider(value=skip_last, min=0, max=max(len(lrf.losses) - 2, 0), description='skip_last'),

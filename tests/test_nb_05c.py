@@ -150,7 +150,7 @@ def test_stop_on_nan_on_cuda_never_syncs_between_checks(capsys):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, N_IN, generator=g).to(dev), torch.randint(0, C, (64,), generator=g).to(dev)
     data = DataBunch(*get_dls(Dataset(x, y), Dataset(x[:8], y[:8]), 2), C)
-    data.train_dl.sampler.shuffle = False     # slices: no index tensors copied to the GPU
+    data.train_dl.sampler = [slice(i, i + 2) for i in range(0, 64, 2)]   # no index tensor copied to the GPU (a sync)
     bad = torch.zeros(40, device=dev)
     bad[37] = float('nan')                    # step 37: epoch 1 (32 steps an epoch), iteration 37
     def loss_func(pred, yb, i=[0]):
@@ -246,6 +246,7 @@ def test_progress_auto_mode(monkeypatch):
     assert 'epoch 0 train' in sys.stderr.getvalue()
     monkeypatch.setattr(nb_05c, 'in_notebook', lambda: True)
     monkeypatch.setattr(sys, 'stderr', io.StringIO())
+    monkeypatch.setattr(nb_05c.importlib.util, 'find_spec', lambda name: object())   # ipywidgets, even where it is missing
     assert progress_mode('auto') == 'notebook'
     monkeypatch.setattr(nb_05c.importlib.util, 'find_spec', lambda name: None)   # no ipywidgets
     assert progress_mode('auto') == 'text' and progress_mode('notebook') == 'text'
