@@ -12,7 +12,7 @@ PROGRESS_MODES = ('auto', 'notebook', 'text', 'off')
 def in_notebook():
     "True inside a Jupyter kernel (JupyterLab, Notebook, Colab, VS Code...), where widgets can be drawn; False in a terminal."
     shell = sys.modules['IPython'].get_ipython() if 'IPython' in sys.modules else None
-    return getattr(shell, 'kernel', None) is not None or 'IPKernelApp' in getattr(shell, 'config', {})
+    return getattr(shell, 'kernel', None) is not None   # ipykernel's shell and its subclasses (Colab's) have one
 
 def widgets_missing():
     "Why widgets cannot be drawn here (a sentence's end), or None when they can."

@@ -444,12 +444,13 @@ class TerminalShell:
     "Stands in for a terminal IPython: no kernel."
     config = {'TerminalIPythonApp': {}}
 
-class KernelAppShell:
-    "A shell whose kernel shows only in the configuration the kernel app gave it."
-    config = {'IPKernelApp': {'connection_file': 'kernel-1.json'}}
+class TerminalShellWithKernelConfig:
+    "A terminal IPython whose ipython_config.py sets kernel options (old tutorials do): still no kernel."
+    config = {'IPKernelApp': {'matplotlib': 'inline'}}
 
 
-@pytest.mark.parametrize('shell,expected', [(ColabShell(), True), (KernelAppShell(), True), (TerminalShell(), False), (None, False)])
+@pytest.mark.parametrize('shell,expected', [(ColabShell(), True), (TerminalShell(), False),
+                                            (TerminalShellWithKernelConfig(), False), (None, False)])
 def test_in_notebook_detects_a_kernel_not_a_class_name(shell, expected, monkeypatch):
     IPython = pytest.importorskip('IPython')
     monkeypatch.setattr(IPython, 'get_ipython', lambda: shell)
