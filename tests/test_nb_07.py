@@ -683,3 +683,17 @@ def test_running_batchnorm_takes_a_momentum_of_one_as_batch_norm_on_each_batch(R
     for step in range(3):
         x = batch(seed=step)
         assert_close(rbn(x), bn(x).detach(), 1e-4)
+
+
+@cuda
+@pytest.mark.parametrize('name', list(all_norms()))
+def test_norms_under_cuda_autocast_take_float16_as_nn_batchnorm2d_does(name):
+    "On a GPU autocast gives float16 activations: each layer returns float16 (as nn.BatchNorm2d), statistics in float32."
+    layer, bn = randomise_(all_norms()[name]).cuda(), nn.BatchNorm2d(4).cuda()
+    x = batch().cuda().half().requires_grad_()
+    with torch.autocast('cuda', dtype=torch.float16):
+        y, want = layer(x), bn(x)
+    assert y.dtype == want.dtype == torch.float16 and torch.isfinite(y).all()
+    (gx,) = torch.autograd.grad(y.float().sum(), [x])
+    assert torch.isfinite(gx).all()
+    assert all(b.dtype == torch.float32 for b in layer.buffers() if b.is_floating_point())
