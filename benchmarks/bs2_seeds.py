@@ -70,7 +70,11 @@ def table(results):
         rng = f'{min(accs):.1f}-{max(accs):.1f}' if len(accs) > 1 else ''
         mean = f'{sum(accs) / len(accs):.1f}' if accs else ''
         lines.append(f'| {NOTEBOOK[norm]} | ' + ' | '.join(cells) + f' | {mean} | {rng} |')
-    lines += ['', '… : not run. Notebook 07 runs seed 1.']
+    blew = [f"{NOTEBOOK[r['norm']]} seed {r['seed']} ({r['train_loss']:.1e})" if r['train_loss'] is not None
+            else f"{NOTEBOOK[r['norm']]} seed {r['seed']} (NaN)" for r in sorted(runs.values(), key=lambda r: (r['norm'], r['seed']))
+            if r['train_loss'] is None or r['train_loss'] > 10]
+    lines += ['', 'Training blew up (the training loss, averaged over the epoch, above 10 or not a number) in: '
+              + (', '.join(blew) or 'none') + '.', '', '… : not run. Notebook 07 runs seed 1.']
     return '\n'.join(lines) + '\n'
 
 

@@ -16,14 +16,16 @@ def rec(norm, seed, acc, **kw): return {'norm': norm, 'seed': seed, 'valid_acc':
 
 
 def test_bs2_table_shows_each_seed_the_mean_and_the_range():
-    runs = {'BatchNorm2d/seed0': rec('BatchNorm2d', 0, 0.24), 'BatchNorm2d/seed1': rec('BatchNorm2d', 1, 0.286),
-            'RunningBatchNorm/seed1': rec('RunningBatchNorm', 1, None)}
+    runs = {'BatchNorm2d/seed0': rec('BatchNorm2d', 0, 0.24, train_loss=2.35),
+            'BatchNorm2d/seed1': rec('BatchNorm2d', 1, 0.286, train_loss=2.6e19),
+            'RunningBatchNorm/seed1': rec('RunningBatchNorm', 1, None, train_loss=None)}
     table = bs2_seeds.table({'runs': runs, 'meta': META})
     assert '| norm | seed 0 | seed 1 | mean | min-max |' in table
     assert '| nn.BatchNorm2d | 24.0 | 28.6 | 26.3 | 24.0-28.6 |' in table
     assert '| RunningBatchNorm | … | NaN |  |  |' in table    # not run; a run whose accuracy is not a number (no mean)
     assert 'GroupNorm' not in table                          # a norm without runs gets no row
     assert '3 runs, 3 minutes of training' in table
+    assert 'above 10 or not a number) in: nn.BatchNorm2d seed 1 (2.6e+19), RunningBatchNorm seed 1 (NaN).' in table
 
 
 def test_bs2_reruns_only_runs_made_with_other_code(tmp_path, monkeypatch):
@@ -32,10 +34,10 @@ def test_bs2_reruns_only_runs_made_with_other_code(tmp_path, monkeypatch):
     calls = []
     def fake_run(nb_, data2, norm, seed):
         calls.append((norm, seed))
-        return rec(norm, seed, 0.5, code=bs2_seeds.code_of(nb_, norm), steps=4)
+        return rec(norm, seed, 0.5, code=bs2_seeds.code_of(nb_, norm), steps=4, train_loss=1.)
     monkeypatch.setattr(bs2_seeds, 'run_one', fake_run)
-    old = rec('GroupNorm', 0, 0.9, code='old-code')
-    current = rec('BatchNorm2d', 0, 0.2, code=bs2_seeds.code_of(nb, 'BatchNorm2d'))
+    old = rec('GroupNorm', 0, 0.9, code='old-code', train_loss=1.)
+    current = rec('BatchNorm2d', 0, 0.2, code=bs2_seeds.code_of(nb, 'BatchNorm2d'), train_loss=2.3)
     (tmp_path / 'bs2_seeds.json').write_text(json.dumps({'runs': {'GroupNorm/seed0': old, 'BatchNorm2d/seed0': current},
                                                         'meta': META}))
     before = torch.get_num_threads()
@@ -48,7 +50,7 @@ def test_bs2_reruns_only_runs_made_with_other_code(tmp_path, monkeypatch):
 
 
 def test_bs2_refuses_a_results_file_of_another_recipe(tmp_path, capsys):
-    (tmp_path / 'bs2_seeds.json').write_text(json.dumps({'runs': {'x': rec('BatchNorm2d', 0, 0.2)},
+    (tmp_path / 'bs2_seeds.json').write_text(json.dumps({'runs': {'x': rec('BatchNorm2d', 0, 0.2, train_loss=2.3)},
                                                         'meta': dict(META, recipe='another network')}))
     with pytest.raises(SystemExit): bs2_seeds.main(['--seeds', '0', '--out', str(tmp_path)])
     assert 'another recipe' in capsys.readouterr().err
