@@ -329,6 +329,51 @@ def _watch_parent(alive, folder):
     shutil.rmtree(folder, ignore_errors=True)
     os._exit(1)
 # %% nbs/07b_distributed.ipynb cell 54
+def definitions(obj):
+    "The source texts that make `obj`: a function's, or each of a class's own methods'."
+    if inspect.isfunction(obj): return [inspect.getsource(obj)]
+    methods = [getattr(v, '__func__', v) for v in vars(obj).values()] if inspect.isclass(obj) else []
+    return [inspect.getsource(f) for f in methods if inspect.isfunction(f)]
+
+def stale_names(main=None, module='exp.nb_07b'):
+    "The functions and classes of `main` (default: `__main__`, a notebook's cells) that `module` also defines, but differently."
+    main, mod = main or sys.modules['__main__'], importlib.import_module(module)
+    text = Path(mod.__file__).read_text()
+    stale = []
+    for name, obj in vars(main).items():
+        if getattr(obj, '__module__', None) != main.__name__ or getattr(getattr(mod, name, None), '__module__', None) != module: continue
+        try: srcs = definitions(obj)
+        except (OSError, TypeError): continue   # no source to compare (defined by exec)
+        if any(src not in text for src in srcs): stale.append(name)
+    return stale
+
+def warn_if_stale(main=None, module='exp.nb_07b'):
+    "Warn if a cell of the notebook was changed and run but not exported: the processes would run `module`'s old copy."
+    names = stale_names(main, module)
+    if names: warnings.warn(f'launch: {", ".join(names)} changed in this notebook but not in {module}, which the processes run: '
+                            f'export the notebook (python notebook2script.py nbs/07b_distributed.ipynb) to run the new code')
+# %% nbs/07b_distributed.ipynb cell 56
+class RankTimeoutError(TimeoutError): "A rank waited for the others longer than the process group's timeout."
+
+TIMEOUT_WORDS = re.compile(r'timed out|timeout', re.IGNORECASE)   # gloo: 'Timed out waiting 3000ms...'; NCCL: '...timeout...'
+
+def is_timeout(e):
+    "Whether `e` is a collective's timeout: PyTorch's distributed errors (or a plain RuntimeError) whose message says so."
+    types = (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError, TimeoutError, RuntimeError)
+    return isinstance(e, types) and bool(TIMEOUT_WORDS.search(str(e)))
+
+def run_in_group(fn, args=(), timeout=DEFAULT_TIMEOUT):
+    """`fn(*args)` in the process group (if any), naming the timeout if the other ranks stop answering; leave the group
+    after a success. After a failure the process should end at once: leaving the group would wait for the others."""
+    try: res = fn(*args)
+    except (RuntimeError, TimeoutError) as e:
+        if isinstance(e, RankTimeoutError) or not is_timeout(e): raise
+        why = re.sub(r'\[[^\]]*\] ', '', str(e).splitlines()[0])   # without the path of gloo's source file
+        raise RankTimeoutError(f'rank {get_rank()}: the other ranks did not answer within timeout={timeout} s '
+                               f'(the `timeout` of launch / init_distributed): {why}') from e
+    if is_dist(): dist.destroy_process_group()
+    return res
+# %% nbs/07b_distributed.ipynb cell 58
 def rendezvous_uri(folder, path=Path):
     "The file URI where `launch`'s processes meet: `file:///tmp/...`; on Windows `file:///C:/...`, which a plain f-string is not."
     return path(folder, 'rendezvous').as_uri()
@@ -346,7 +391,7 @@ def _worker(rank, fn, args, world_size, folder, timeout, threads, alive):
     except BaseException as e:   # noted with its time: `launch` reports the first failure, not the others' reactions
         Path(folder, f'error{rank}.txt').write_text(f'{time.time()}\n{error_line(e)}\n{traceback.format_exc()}')
         os._exit(1)              # at once: leaving the group politely would wait for the others
-# %% nbs/07b_distributed.ipynb cell 56
+# %% nbs/07b_distributed.ipynb cell 60
 def first_error(folder, exits=None):
     """The first failure of `launch`'s ranks, a `RankError` (None if none): a rank that ended (`exits[r]`: its exit code) with
     neither result nor error comes first, as the one that left; else the earliest error noted in `folder`."""
@@ -404,7 +449,7 @@ def _no_sigint():
     try: yield
     finally:
         if main: signal.signal(signal.SIGINT, saved)
-# %% nbs/07b_distributed.ipynb cell 58
+# %% nbs/07b_distributed.ipynb cell 62
 def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
     "Run `fn(*args)` on `nprocs` new processes, one rank each; print what rank 0 printed; return a `RankResults`."
     if names := from_notebook_main((fn, args)): raise ValueError(
@@ -441,51 +486,6 @@ def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
         res = RankResults(torch.load(Path(folder, f'result{r}.pt'), weights_only=False) for r in range(nprocs))
     res.stdout = outs
     return res
-# %% nbs/07b_distributed.ipynb cell 60
-def definitions(obj):
-    "The source texts that make `obj`: a function's, or each of a class's own methods'."
-    if inspect.isfunction(obj): return [inspect.getsource(obj)]
-    methods = [getattr(v, '__func__', v) for v in vars(obj).values()] if inspect.isclass(obj) else []
-    return [inspect.getsource(f) for f in methods if inspect.isfunction(f)]
-
-def stale_names(main=None, module='exp.nb_07b'):
-    "The functions and classes of `main` (default: `__main__`, a notebook's cells) that `module` also defines, but differently."
-    main, mod = main or sys.modules['__main__'], importlib.import_module(module)
-    text = Path(mod.__file__).read_text()
-    stale = []
-    for name, obj in vars(main).items():
-        if getattr(obj, '__module__', None) != main.__name__ or getattr(getattr(mod, name, None), '__module__', None) != module: continue
-        try: srcs = definitions(obj)
-        except (OSError, TypeError): continue   # no source to compare (defined by exec)
-        if any(src not in text for src in srcs): stale.append(name)
-    return stale
-
-def warn_if_stale(main=None, module='exp.nb_07b'):
-    "Warn if a cell of the notebook was changed and run but not exported: the processes would run `module`'s old copy."
-    names = stale_names(main, module)
-    if names: warnings.warn(f'launch: {", ".join(names)} changed in this notebook but not in {module}, which the processes run: '
-                            f'export the notebook (python notebook2script.py nbs/07b_distributed.ipynb) to run the new code')
-# %% nbs/07b_distributed.ipynb cell 62
-class RankTimeoutError(TimeoutError): "A rank waited for the others longer than the process group's timeout."
-
-TIMEOUT_WORDS = re.compile(r'timed out|timeout', re.IGNORECASE)   # gloo: 'Timed out waiting 3000ms...'; NCCL: '...timeout...'
-
-def is_timeout(e):
-    "Whether `e` is a collective's timeout: PyTorch's distributed errors (or a plain RuntimeError) whose message says so."
-    types = (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError, TimeoutError, RuntimeError)
-    return isinstance(e, types) and bool(TIMEOUT_WORDS.search(str(e)))
-
-def run_in_group(fn, args=(), timeout=DEFAULT_TIMEOUT):
-    """`fn(*args)` in the process group (if any), naming the timeout if the other ranks stop answering; leave the group
-    after a success. After a failure the process should end at once: leaving the group would wait for the others."""
-    try: res = fn(*args)
-    except (RuntimeError, TimeoutError) as e:
-        if isinstance(e, RankTimeoutError) or not is_timeout(e): raise
-        why = re.sub(r'\[[^\]]*\] ', '', str(e).splitlines()[0])   # without the path of gloo's source file
-        raise RankTimeoutError(f'rank {get_rank()}: the other ranks did not answer within timeout={timeout} s '
-                               f'(the `timeout` of launch / init_distributed): {why}') from e
-    if is_dist(): dist.destroy_process_group()
-    return res
 # %% nbs/07b_distributed.ipynb cell 64
 class FaultCallback(Callback):
     "For trying faults: on rank `rank`, at training step `n_iter`, in `event`, raise `fault` (an exception class) or, if 'hang', stop answering."
@@ -517,6 +517,6 @@ __all__ = [*_nb_07a_all, 'contextlib', 'datetime', 'importlib', 'inspect', 'io',
            'DistributedCallback', 'per_rank', 'DDPCallback', 'save_model', 'main_first',
            'AllReduceSum', 'all_reduce_sum', 'sync_batch_stats', 'SyncBatchNorm',
            'SyncRunningBatchNorm', 'RankResults', 'RankFailedError', 'RankError', 'error_line',
-           'rendezvous_uri', 'first_error', 'in_notebook_main', 'from_notebook_main', 'launch',
            'definitions', 'stale_names', 'warn_if_stale', 'RankTimeoutError', 'TIMEOUT_WORDS',
-           'is_timeout', 'run_in_group', 'FaultCallback', 'DistLateCallback']
+           'is_timeout', 'run_in_group', 'rendezvous_uri', 'first_error', 'in_notebook_main',
+           'from_notebook_main', 'launch', 'FaultCallback', 'DistLateCallback']
