@@ -80,10 +80,10 @@ def bincount_histogram(x, bins, lo, hi, scratch=None):
 
 def sorted_histogram(x, bins, lo, hi, scratch=None):
     "As `histc`, from the sorted values and the bin edges: deterministic on CUDA, where `histc` is not, and no host sync."
-    v = x.reshape(-1).sort().values
-    edges = torch.linspace(lo, hi, bins + 1, device=v.device, dtype=v.dtype)
-    below = torch.searchsorted(v, edges)   # how many values lie below each edge
-    below[-1] = torch.searchsorted(v, edges[-1:], right=True)[0]   # the last bin includes `hi`, as in histc
+    v = x.reshape(-1)
+    idx = ((v - lo) * bins / (hi - lo)).floor().clamp(0, bins - 1)   # histc's bin of each value (`hi` in the last)
+    idx = torch.where((v >= lo) & (v <= hi), idx, bins)               # outside the range, and NaN: not counted
+    below = torch.searchsorted(idx.sort().values, torch.arange(bins + 1, device=v.device, dtype=idx.dtype))
     return below.diff()
 
 def histc_histogram(x, bins, lo, hi, scratch=None): return x.histc(bins, lo, hi)
