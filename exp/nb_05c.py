@@ -183,6 +183,19 @@ class ParamScheduler(ParamScheduler):
         if len(self.funcs) != n: raise ValueError(f"ParamScheduler({self.pname!r}): {len(self.funcs)} schedules for {n} parameter groups")
         check_hyper_param(self.opt, self.pname)
 # %% nbs/05c_progress.ipynb cell 37
+def sliders_until_next_cell(figure, **sliders):
+    "`figure(**values)` below ipywidgets `sliders`, redrawn as they move; when the next cell runs, the last figure replaces them, as a plain image."
+    from IPython.display import display, DisplayHandle
+    import ipywidgets
+    box = ipywidgets.interactive(lambda **values: display(figure(**values)), **sliders)
+    handle, shell = DisplayHandle(), sys.modules['IPython'].get_ipython()
+    handle.display(box)
+    def freeze(*info):   # widgets cannot be drawn in a saved notebook: it keeps this image instead
+        shell.events.unregister('pre_run_cell', freeze)
+        handle.update(figure(**box.kwargs))
+        for w in [*box.children, box]: w.close()
+    shell.events.register('pre_run_cell', freeze)
+
 def lr_find_figure(lrf, skip_last=0, beta=None):
     "The LR finder's curve in a figure of its own, its loss smoothed with `beta` (by default the finder's own)."
     saved, lrf.smooth_beta = lrf.smooth_beta, lrf.smooth_beta if beta is None else beta
@@ -195,21 +208,16 @@ def lr_find_figure(lrf, skip_last=0, beta=None):
 def explore_lr_find(lrf, skip_last=5):
     "Sliders for `skip_last` and the smoothing over `lrf`'s curve; the plain figure where widgets cannot be drawn."
     if not in_notebook(): return lrf.plot(skip_last)   # IPython may not even be installed
-    from IPython.display import display, DisplayHandle
-    if widgets_missing(): return display(lr_find_figure(lrf, skip_last))
+    if widgets_missing():
+        from IPython.display import display
+        return display(lr_find_figure(lrf, skip_last))
     import ipywidgets
-    sliders = ipywidgets.interactive(lambda skip_last, beta: display(lr_find_figure(lrf, skip_last, beta)),
+    sliders_until_next_cell(partial(lr_find_figure, lrf),
         skip_last=ipywidgets.IntSlider(value=skip_last, min=0, max=max(len(lrf.losses) - 2, 0), description='skip_last'),
         beta=ipywidgets.FloatSlider(value=lrf.smooth_beta, min=0., max=0.99, step=0.01, description='smoothing'))
-    handle, shell = DisplayHandle(), sys.modules['IPython'].get_ipython()
-    handle.display(sliders)
-    def freeze(*info):   # when the next cell runs, the figure replaces the sliders: a saved notebook keeps an image
-        shell.events.unregister('pre_run_cell', freeze)
-        handle.update(lr_find_figure(lrf, **sliders.kwargs))
-        for w in [*sliders.children, sliders]: w.close()
-    shell.events.register('pre_run_cell', freeze)
 
 from exp.nb_05b import __all__ as _nb_05b_all
 __all__ = [*_nb_05b_all, 'PROGRESS_MODES', 'in_notebook', 'widgets_missing', 'is_tty',
            'progress_mode', 'format_time', 'text_output', 'ProgressCallback', 'StopOnNanCallback',
-           'Runner', 'LR_Find', 'ParamScheduler', 'lr_find_figure', 'explore_lr_find']
+           'Runner', 'LR_Find', 'ParamScheduler', 'sliders_until_next_cell', 'lr_find_figure',
+           'explore_lr_find']

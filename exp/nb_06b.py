@@ -256,8 +256,6 @@ class ActivationStatsCallback(Callback):
     def plot_hists(self, title=''): plot_hists(self.recorded(), title)
     def plot_mins(self, near_zero=slice(0, 2), title=''): plot_mins(self.recorded(), near_zero, title)
 # %% nbs/06b_telemetry.ipynb cell 29
-import importlib.util
-
 def plot_layer(hooks, layer=0, steps=(0, None)):
     "The means, stds and histograms one hook of `hooks` recorded, over the training calls `steps[0]` to `steps[1]`."
     h = check_recorded(hooks)[layer]
@@ -270,17 +268,20 @@ def plot_layer(hooks, layer=0, steps=(0, None)):
         axs[2].imshow(hists[keep].t().log1p().numpy(), origin='lower', aspect='auto', extent=(float(x[keep][0]), float(x[keep][-1]) + 1 / calls_per_step(h), lo, hi))
     axs[2].set(title='histograms, log(1 + count)', xlabel=xlabel, ylabel='activation')
     plt.tight_layout()
+    return fig
 
 def explore_telemetry(hooks):
-    "`plot_layer` for layer 0 and every step, as a plain figure (what a saved notebook keeps); in a notebook kernel with ipywidgets, sliders over layer and steps below it."
+    "`plot_layer` with sliders over the layer and the range of steps, in a notebook kernel with ipywidgets; elsewhere, layer 0 over every step."
     hooks = check_recorded(hooks)
-    n = max(max(len(hook_stats(h)[0]), len(hook_stats(h)[2])) for h in hooks)
-    plot_layer(hooks); plt.show()
-    if not in_notebook() or importlib.util.find_spec('ipywidgets') is None: return
+    if widgets_missing(): plot_layer(hooks); return plt.show()
     import ipywidgets
-    def show(layer, steps): plot_layer(hooks, layer, steps)
-    ipywidgets.interact(show, layer=ipywidgets.IntSlider(0, 0, len(hooks) - 1, description='layer'),
-                        steps=ipywidgets.IntRangeSlider(value=(0, n), min=0, max=n, description='calls'))
+    n = max(max(len(hook_stats(h)[0]), len(hook_stats(h)[2])) for h in hooks)
+    def figure(layer, steps):
+        fig = plot_layer(hooks, layer, steps)
+        plt.close(fig)   # shown where it is displayed, not again at the end of the cell
+        return fig
+    sliders_until_next_cell(figure, layer=ipywidgets.IntSlider(0, 0, len(hooks) - 1, description='layer'),
+                            steps=ipywidgets.IntRangeSlider(value=(0, n), min=0, max=n, description='calls'))
 
 from exp.nb_06 import __all__ as _nb_06_all
 __all__ = [*_nb_06_all, 'warnings', 'weakref', 'StatsTape', 'TapeView', 'layer_name',

@@ -12,6 +12,10 @@ mode (EXP_QUICK=1) on one thread.
   saved, its kernel shut down, and it is reopened with a fresh kernel: the epoch table and the image
   are there and no "Error displaying widget"; `jupyter nbconvert --to html` of the saved file, as
   notebook viewers render it without a kernel, shows the table and no frozen 0% bar.
+- 06b: a small notebook that fits notebook 06's network for one epoch with the telemetry callback and
+  calls `explore_telemetry`: its two sliders (layer, range of steps) are there and moving the layer
+  slider redraws the figure; a cell run after it replaces them by the figure, as an image; saved and
+  reopened with a fresh kernel, the notebook shows that image and no "Error displaying widget".
 - 07: the COMMITTED nbs/07_batchnorm.ipynb, byte for byte, is opened (its kernel starts) and
   closed: no dirty marker on its tab, no "Save changes?" dialog, the file's bytes unchanged.
 
@@ -63,6 +67,19 @@ run.fit(2, get_learner())
 explore_lr_find(run.lr_find)"""
 
 NEXT_CELL = "print('the cell after explore_lr_find')"
+
+TELEMETRY_NB = 'telemetry.ipynb'
+TELEMETRY_CELLS = ["""\
+from exp.nb_06b import *
+torch.manual_seed(0)
+x_train, y_train, x_valid, y_valid = quick_subset(*get_data())
+x_train, x_valid = normalize_to(x_train, x_valid)
+data = DataBunch(*get_dls(Dataset(x_train[:1000], y_train[:1000]), Dataset(x_valid[:200], y_valid[:200]), 64), 10)
+telemetry = ActivationStatsCallback(modules=lambda m: children(m)[:3], hist_range=(-7, 7))
+learn, run = get_learn_run([8, 16, 32], data, 0.4, conv_layer,
+                           cbs=[DeviceCallback, partial(BatchTransformXCallback, mnist_view), telemetry])
+run.fit(1, learn)""", "explore_telemetry(telemetry.hooks)"]
+TELEMETRY_NEXT = "print('the cell after explore_telemetry')"
 
 # Records what the widget bars show while they live: every text of a tqdm widget (description, bar,
 # counter and loss), seen by a MutationObserver, so a bar that lives for a second is not missed.
@@ -116,12 +133,21 @@ def copy_05c(dest):
     nbformat.write(nb, str(dest))
 
 
+def write_telemetry_notebook(dest):
+    "A fit with the telemetry callback, then `explore_telemetry` in the last cell (its sliders stay until a next cell runs)."
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in TELEMETRY_CELLS])
+    nb.metadata.kernelspec = json.loads(NB_05C.read_text())['metadata']['kernelspec']   # else JupyterLab asks which kernel
+    nbformat.write(nb, str(dest))
+
+
 @pytest.fixture(scope='module')
 def lab(tmp_path_factory):
     base = tmp_path_factory.mktemp('browser')
     root = base / 'root'
     root.mkdir()
     copy_05c(root / COPY_05C)
+    write_telemetry_notebook(root / TELEMETRY_NB)
     nb07 = NB_07.read_bytes()                   # the committed bytes, read once
     (root / NB_07.name).write_bytes(nb07)
     env = {'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])),
@@ -197,24 +223,59 @@ def explore_sliders(page):
     return {'sliders': before['sliders'], 'redrawn': redrawn, 'text': before['text']}
 
 
-def run_a_cell_after(page, lab):
-    "Adds a code cell at the end, runs it, waits for the kernel: `explore_lr_find`'s sliders become an image."
+def run_a_cell_after(page, lab, source=NEXT_CELL):
+    "Adds a code cell at the end, runs it (it prints one line), waits for the kernel: the sliders above become an image."
     command(page, 'notebook:insert-cell-below')
     page.evaluate("(src) => window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel.setSource(src)",
-                  NEXT_CELL)
+                  source)
     command(page, 'notebook:run-cell')
-    page.wait_for_function("() => [...document.querySelectorAll('.jp-OutputArea-output')].some("
-                           "o => o.innerText.includes('the cell after explore_lr_find'))", timeout=UI_MS)
-    bs.wait_for(lambda: lab.kernels_idle(1), KERNEL_S, 'the cell after explore_lr_find to end')
+    printed = re.search(r"print\('(.*)'\)", source).group(1)
+    page.wait_for_function("(text) => [...document.querySelectorAll('.jp-OutputArea-output')].some("
+                           "o => o.innerText.includes(text))", arg=printed, timeout=UI_MS)
+    bs.wait_for(lambda: lab.kernels_idle(1), KERNEL_S, f'the cell printing {printed!r} to end')
     page.wait_for_timeout(1000)
 
 
 def explore_output(page):
     "The explore cell's output (the last code cell but one): its images, sliders and widget errors."
     cells = page.locator('.jp-Notebook .jp-CodeCell')
-    out = cells.nth(cells.count() - 2).locator('.jp-OutputArea')
+    out = cells.nth(cells.count() - 2).locator('.jp-Cell-outputArea')   # the cell's own, not a widget's inside it
     return {'imgs': out.locator('img').count(), 'sliders': out.locator('.widget-slider').count(),
             'text': out.inner_text()}
+
+
+def run_all(lab, page, name):
+    "Runs every cell of the open notebook `name` and waits for its kernel; fails with the first traceback."
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    page.wait_for_function(RUN_ALL_DONE, timeout=FIT_S * 1000)
+    bs.wait_for(lambda: lab.kernels_idle(1), KERNEL_S, f'the cells of {name} to end')
+    errors = [t for t in page.locator('.jp-OutputArea-output').all_inner_texts() if 'Traceback (most recent' in t]
+    assert not errors, f'{name} failed in the browser:\n{errors[0][-3000:]}'
+
+
+def explore_save_and_reopen(lab, page, name, next_cell):
+    """With the sliders in the last cell of the open notebook `name`: moves the first one, runs
+    `next_cell` after it, saves the notebook, shuts its kernel down and reopens it with a fresh one.
+    Returns what was seen: the sliders, the explore cell's output after the next cell ran, the saved
+    file's text, and the reopened notebook's text and explore output."""
+    seen = {'explore': explore_sliders(page)}
+    run_a_cell_after(page, lab, next_cell)
+    seen['explore_after'] = explore_output(page)
+    command(page, 'docmanager:save')
+    path, printed = lab.root / name, re.search(r"print\('(.*)'\)", next_cell).group(1)
+    bs.wait_for(lambda: not current_tab_dirty(page) and printed in path.read_text(), 60, 'the save')
+    seen['saved'] = path.read_text()
+
+    lab.shutdown_kernels()                      # reopened with a fresh kernel
+    command(page, 'application:close-all')
+    open_notebook(lab, page, name)
+    page.wait_for_timeout(3000)                 # widget views render (or fail to) after the cells
+    seen['reopened'] = page.locator('.jp-NotebookPanel .jp-Notebook').inner_text()
+    seen['reopened_explore'] = explore_output(page)
+    seen['path'] = path
+    lab.shutdown_kernels()
+    command(page, 'application:close-all')
+    return seen
 
 
 @pytest.fixture(scope='module')
@@ -226,32 +287,11 @@ def fitted_05c(lab, page):
     seen = {}
     open_notebook(lab, page, COPY_05C)
     page.evaluate(WATCH_BARS)
-    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    run_all(lab, page, COPY_05C)
     cells = page.locator('.jp-Notebook .jp-CodeCell')
-    out = cells.nth(cells.count() - 2).locator('.jp-OutputArea')   # the fit's cell
-    page.wait_for_function(RUN_ALL_DONE, timeout=FIT_S * 1000)
-    bs.wait_for(lambda: lab.kernels_idle(1), KERNEL_S, 'the fit to end')
     seen['bars'] = page.evaluate('() => window.__bars')
-    seen['after_fit'] = out.inner_text()
-    errors = [t for t in page.locator('.jp-OutputArea-output').all_inner_texts() if 'Traceback (most recent' in t]
-    assert not errors, f'the copy of 05c failed in the browser:\n{errors[0][-3000:]}'
-    seen['explore'] = explore_sliders(page)
-    run_a_cell_after(page, lab)
-    seen['explore_after'] = explore_output(page)
-    command(page, 'docmanager:save')
-    path = lab.root / COPY_05C
-    bs.wait_for(lambda: not current_tab_dirty(page) and 'the cell after explore_lr_find' in path.read_text(), 60, 'the save')
-    seen['saved'] = path.read_text()
-
-    lab.shutdown_kernels()                      # reopened with a fresh kernel
-    command(page, 'application:close-all')
-    open_notebook(lab, page, COPY_05C)
-    page.wait_for_timeout(3000)                 # widget views render (or fail to) after the cells
-    seen['reopened'] = page.locator('.jp-NotebookPanel .jp-Notebook').inner_text()
-    seen['reopened_explore'] = explore_output(page)
-    seen['path'] = path
-    lab.shutdown_kernels()
-    command(page, 'application:close-all')
+    seen['after_fit'] = cells.nth(cells.count() - 2).locator('.jp-OutputArea').inner_text()   # the fit's cell
+    seen.update(explore_save_and_reopen(lab, page, COPY_05C, NEXT_CELL))
     return seen
 
 
@@ -296,6 +336,30 @@ def test_05c_saved_notebook_rendered_to_html_shows_the_table_and_no_frozen_bar(f
     assert 'train_loss' in html and len(table_rows(re.sub(r'<[^>]+>', '', html))) == EPOCHS
     frozen = re.findall(r'(?<![\d.])0%\|[^\n<]*', html)
     assert not frozen, f'{len(frozen)} frozen bars in the HTML, e.g. {frozen[0]!r} (issue 18 item 1)'
+
+
+@pytest.fixture(scope='module')
+def explored_telemetry(lab, page):
+    "Runs the telemetry notebook in the browser, then explores, saves and reopens it (see explore_save_and_reopen)."
+    open_notebook(lab, page, TELEMETRY_NB)
+    run_all(lab, page, TELEMETRY_NB)
+    return explore_save_and_reopen(lab, page, TELEMETRY_NB, TELEMETRY_NEXT)
+
+
+def test_06b_explore_telemetry_sliders_redraw_the_figure_and_leave_an_image(explored_telemetry):
+    explore, after = explored_telemetry['explore'], explored_telemetry['explore_after']
+    assert explore['sliders'] == 2 and 'layer' in explore['text'] and 'calls' in explore['text'], explore
+    assert explore['redrawn'], 'moving the layer slider did not redraw the figure'
+    assert after['imgs'] == 1 and after['sliders'] == 0, after    # the next cell ran: the figure, as an image
+
+
+def test_06b_reopened_notebook_shows_the_telemetry_image_and_no_widget_error(explored_telemetry):
+    reopened = explored_telemetry['reopened_explore']
+    assert reopened['imgs'] == 1 and reopened['sliders'] == 0, reopened
+    assert 'Error displaying widget' not in explored_telemetry['reopened']
+    saved = json.loads(explored_telemetry['saved'])
+    explore = [c for c in saved['cells'] if 'explore_telemetry(' in ''.join(c['source'])][0]
+    assert [set(o.get('data', {})) for o in explore['outputs']] == [{'image/png', 'text/plain'}], explore['outputs']
 
 
 def open_and_close(lab, page, name, save=False):

@@ -488,23 +488,22 @@ def test_explore_telemetry_draws_a_plain_figure_outside_a_kernel(plt_agg):
 
 
 def test_explore_telemetry_in_a_kernel_adds_sliders_over_layer_and_steps(plt_agg, monkeypatch):
-    "In a notebook kernel: the plain figure first (what a saved notebook keeps), then `interact` with the two sliders."
+    "In a notebook kernel with ipywidgets: no figure at once, sliders over layer and steps, each position drawn by plot_layer."
     ipywidgets = pytest.importorskip('ipywidgets')
     import exp.nb_06b as nb_06b
     data = image_bunch()
     learn, run = get_runner(get_cnn_model(data, NFS, conv_layer), data, cbs=cbfs() + [ActivationStatsCallback])
     run.fit(1, learn)
+    plt_agg.close('all')
     calls = []
-    def interact(f, **widgets):
-        calls.append(widgets)
-        f(layer=widgets['layer'].max, steps=(1, 3))   # as moving the sliders would
-    monkeypatch.setattr(nb_06b, 'in_notebook', lambda: True)
-    monkeypatch.setattr(ipywidgets, 'interact', interact)
-    shown = []
-    monkeypatch.setattr(nb_06b.plt, 'show', lambda: shown.append(len(plt_agg.get_fignums())))
+    monkeypatch.setattr(nb_06b, 'widgets_missing', lambda: None)
+    monkeypatch.setattr(nb_06b, 'sliders_until_next_cell', lambda figure, **sliders: calls.append((figure, sliders)))
     explore_telemetry(run.activation_stats.hooks)
-    assert shown == [1] and len(calls) == 1   # the static figure was shown before the sliders were made
-    layer, steps = calls[0]['layer'], calls[0]['steps']
+    assert len(calls) == 1 and not plt_agg.get_fignums()   # nothing drawn before the sliders
+    figure, sliders = calls[0]
+    layer, steps = sliders['layer'], sliders['steps']
+    assert isinstance(layer, ipywidgets.IntSlider) and isinstance(steps, ipywidgets.IntRangeSlider)
     assert (layer.min, layer.max) == (0, len(run.activation_stats.hooks) - 1) and (steps.min, steps.max, steps.value) == (0, 5, (0, 5))
-    axes = plt_agg.gcf().axes
-    assert axes[0].get_title().startswith(f'{layer.max}: ') and len(axes[0].lines[0].get_xdata()) == 2
+    fig = figure(layer=layer.max, steps=(1, 3))   # as moving the sliders would
+    assert fig.axes[0].get_title().startswith(f'{layer.max}: ') and len(fig.axes[0].lines[0].get_xdata()) == 2
+    assert not plt_agg.get_fignums()   # closed: shown where it is displayed, not again at the end of the cell
