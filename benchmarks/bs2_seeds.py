@@ -11,12 +11,12 @@ norm layer's code has changed since);
 results/bs2_seeds.md is the table: per norm, the accuracy of each seed, their mean and range. Each run is one to a
 few minutes on a 2-core CPU.
 """
-import argparse, contextlib, datetime, hashlib, inspect, io, json, math, os, platform, sys, time
+import argparse, contextlib, hashlib, inspect, io, math, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from notebook2script import write_atomic  # temporary file + os.replace: an interrupted run never leaves half a file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_results import StudyResults  # noqa: E402  (the JSON and the table, written atomically after every run)
 
 NFS = [8, 16, 32, 64, 64]   # notebook 07's network, the lesson's
 NORMS = {'BatchNorm2d': lambda nb: nb.nn.BatchNorm2d, 'BatchNorm': lambda nb: nb.BatchNorm,
@@ -78,11 +78,6 @@ def table(results):
     return '\n'.join(lines) + '\n'
 
 
-def write(results, json_path, md_path):
-    write_atomic(json_path, json.dumps(results, indent=1, sort_keys=True))
-    write_atomic(md_path, table(results))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--norms', nargs='+', choices=list(NORMS), default=['BatchNorm2d', 'RunningBatchNorm', 'GroupNorm'],
@@ -91,23 +86,13 @@ def main(argv=None):
     p.add_argument('--out', default=str(ROOT / 'results'), help='folder for bs2_seeds.json and .md')
     p.add_argument('--table', action='store_true', help='only rewrite the markdown table from the json')
     args = p.parse_args(argv)
-    out = Path(args.out)
-    json_path, md_path = out / 'bs2_seeds.json', out / 'bs2_seeds.md'
-    if args.table:
-        if not json_path.is_file(): p.error(f'--table: {json_path} does not exist; run some seeds first')
-        write_atomic(md_path, table(json.loads(json_path.read_text())))
-        print(md_path.read_text()); return
+    study = StudyResults(args.out, 'bs2_seeds', table)
+    if args.table: return study.rewrite_table(p)
     import exp.nb_07 as nb
     x_train, y_train, x_valid, y_valid = nb.get_data()
     x_train, x_valid = nb.normalize_to(x_train, x_valid)   # with torch's default threads, as notebook 07: the mean's
     nb.torch.set_num_threads(1)                            # last bit depends on the threads, and changes the runs
-    results = json.loads(json_path.read_text()) if json_path.exists() else {'runs': {}}
-    if results['runs'] and results['meta']['recipe'] != RECIPE:
-        p.error(f'{json_path} holds runs of another recipe ({results["meta"]["recipe"]}): move it away or pass --out')
-    results['meta'] = {
-        'command': 'python benchmarks/bs2_seeds.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:])),
-        'machine': f'{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread',
-        'torch': nb.torch.__version__, 'date': datetime.date.today().isoformat(), 'recipe': RECIPE}
+    results = study.load(p, RECIPE, 'bs2_seeds.py', argv, nb.torch.__version__)
     data2 = nb.DataBunch(*nb.get_dls(nb.Dataset(x_train, y_train), nb.Dataset(x_valid, y_valid), 2), 10)
     for seed in args.seeds:
         for norm in args.norms:
@@ -115,9 +100,9 @@ def main(argv=None):
             if done and done.get('code') == code_of(nb, norm): continue   # made with the layer's current code
             r = run_one(nb, data2, norm, seed)
             results['runs'][f'{norm}/seed{seed}'] = r
-            write(results, json_path, md_path)
+            study.save(results)
             print(norm, seed, f"{r['valid_acc']}", f"in {r['seconds']:.0f} s", flush=True)
-    print(md_path.read_text())
+    print(study.md_path.read_text())
 
 
 if __name__ == '__main__':

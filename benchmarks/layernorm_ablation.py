@@ -12,13 +12,13 @@ lesson's conv_ln keeps it; without it), and the learning rate; over a few seeds.
 training loss (StopOnNanCallback), which is recorded as the step it diverged at. Every finished run is written at once
 to results/layernorm_ablation.json (runs already there are skipped), and the table to results/layernorm_ablation.md.
 """
-import argparse, contextlib, datetime, io, json, math, os, platform, sys, time
+import argparse, contextlib, io, math, sys, time
 from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from notebook2script import write_atomic  # temporary file + os.replace: an interrupted run never leaves half a file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_results import StudyResults  # noqa: E402  (the JSON and the table, written atomically after every run)
 
 import torch
 from torch import nn
@@ -101,11 +101,6 @@ def table(results):
     return '\n'.join(lines) + '\n'
 
 
-def write(results, json_path, md_path):
-    write_atomic(json_path, json.dumps(results, indent=1, sort_keys=True))
-    write_atomic(md_path, table(results))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4, 5], help='seeds (default 0 to 5)')
@@ -115,25 +110,15 @@ def main(argv=None):
     p.add_argument('--out', default=str(ROOT / 'results'), help='folder for layernorm_ablation.json and .md')
     p.add_argument('--table', action='store_true', help='only rewrite the markdown table from the json')
     args = p.parse_args(argv)
-    out = Path(args.out)
-    json_path, md_path = out / 'layernorm_ablation.json', out / 'layernorm_ablation.md'
-    if args.table:
-        if not json_path.is_file(): p.error(f'--table: {json_path} does not exist; run the ablation first')
-        write_atomic(md_path, table(json.loads(json_path.read_text())))
-        print(md_path.read_text()); return
+    study = StudyResults(args.out, 'layernorm_ablation', table)
+    if args.table: return study.rewrite_table(p)
     if args.n_train < 512: p.error(f'--n-train must be at least one batch (512), got {args.n_train}')
     import exp.nb_07 as nb
     torch.set_num_threads(1)
     recipe = (f"the lesson's CNN (conv 8-16-32-64-64, Kaiming init, ReLU, then LayerNorm), batch size 512, SGD at a "
               f"constant lr, one epoch over the first {args.n_train:,} training images, accuracy on the first "
               f"{args.n_valid:,} validation images")
-    results = json.loads(json_path.read_text()) if json_path.exists() else {'runs': {}}
-    if results['runs'] and results['meta']['recipe'] != recipe:
-        p.error(f'{json_path} holds runs of another recipe ({results["meta"]["recipe"]}): move it away or pass --out')
-    results['meta'] = {
-        'command': 'python benchmarks/layernorm_ablation.py' + ''.join(f' {a}' for a in (argv if argv is not None else sys.argv[1:])),
-        'machine': f'{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread',
-        'torch': torch.__version__, 'date': datetime.date.today().isoformat(), 'recipe': recipe}
+    results = study.load(p, recipe, 'layernorm_ablation.py', argv, torch.__version__)
     x_train, y_train, x_valid, y_valid = nb.get_data()
     x_train, x_valid = nb.normalize_to(x_train, x_valid)   # normalised with the whole training set, as in 07
     data = nb.DataBunch(*nb.get_dls(nb.Dataset(x_train[:args.n_train], y_train[:args.n_train]),
@@ -145,10 +130,10 @@ def main(argv=None):
                 if key(r) in results['runs']: continue
                 r = run_one(nb, data, estimator, bias, lr, seed, args.n_valid)
                 results['runs'][key(r)] = r
-                write(results, json_path, md_path)
+                study.save(results)
                 print(key(r), f"diverged at step {r['diverged_at']}" if r['diverged_at'] is not None
                       else f"accuracy {r['valid_acc']:.4f}", f"in {r['seconds']:.0f} s", flush=True)
-    print(md_path.read_text())
+    print(study.md_path.read_text())
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"Tests of benchmarks/bs2_seeds.py and benchmarks/layernorm_ablation.py: their tables, resuming, and the ablation's layer."
+"Tests of benchmarks/bs2_seeds.py and benchmarks/layernorm_ablation.py (and study_results.py, which they share): their tables, resuming, and the ablation's layer."
 import json, sys
 from pathlib import Path
 
@@ -83,3 +83,20 @@ def test_ablation_table_counts_divergences_per_variant_and_lr():
     assert "| notebook 07's (variance / n, conv bias) | 1/2 NaN (step 34); 96.0 |" in table
     assert "| the lesson's (variance / (n-1), conv bias) | … |" in table
     assert '1e+20 to 1e+20 in the runs that diverged, 2e+01 to 2e+01 in the others' in table
+
+
+def test_both_studies_say_when_there_is_no_json_to_make_a_table_from(tmp_path, capsys):
+    for study in (bs2_seeds, layernorm_ablation):
+        with pytest.raises(SystemExit): study.main(['--table', '--out', str(tmp_path)])
+        assert 'does not exist' in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []   # nothing written
+
+
+def test_ablation_refuses_a_results_file_of_another_recipe_and_leaves_it(tmp_path, capsys):
+    path = tmp_path / 'layernorm_ablation.json'
+    path.write_text(json.dumps({'runs': {'x': {}}, 'meta': dict(META, recipe='another network')}))
+    before, threads = path.read_text(), torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit): layernorm_ablation.main(['--seeds', '0', '--out', str(tmp_path)])
+    finally: torch.set_num_threads(threads)   # the script runs on one thread
+    assert 'another recipe' in capsys.readouterr().err and path.read_text() == before
