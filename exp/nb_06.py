@@ -68,9 +68,8 @@ def children(m): return list(m.children())
 
 class Hook():
     "Calls `f(hook, module, input, output)` after each forward pass of `m` until `remove()`."
-    def __init__(self, m, f): self.m, self.f, self.hook = m, f, m.register_forward_hook(self.hook_fn)
-    def hook_fn(self, mod, inp, outp):
-        if mod is self.m: self.f(self, mod, inp, outp)   # only `m`, not a deep copy of it; returns None: the output stays
+    def __init__(self, m, f): self.f, self.hook = f, m.register_forward_hook(self.hook_fn)
+    def hook_fn(self, mod, inp, outp): self.f(self, mod, inp, outp)   # returns None: the output stays
     def remove(self): self.hook.remove()
     def __del__(self): self.remove()
 
@@ -127,7 +126,7 @@ def plot_hooks_stats(hooks, n=None):
     "Means and standard deviations recorded by each hook, over the first `n` (default all) training steps."
     fig, axs = plt.subplots(1, 2, figsize=(12, 3.5))
     for i, h in enumerate(hooks):
-        for ax, xs in zip(axs, h.stats[:2]): ax.plot(torch.stack(xs[:n]), label=f'layer {i}')
+        for ax, xs in zip(axs, h.stats[:2]): ax.plot(torch.stack(xs[:n]).cpu(), label=f'layer {i}')
     for ax, title in zip(axs, ('means', 'stds')): ax.set(title=f"activation {title}, {'all' if n is None else f'first {n}'} training steps", xlabel='training step')
     axs[0].legend(fontsize='small')
 

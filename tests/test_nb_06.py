@@ -354,16 +354,18 @@ def test_normalize_to_refuses_a_constant_training_set():
             normalize_to(train, torch.ones(2, 784))
 
 
-def test_a_hook_does_not_record_a_deep_copy_of_its_module():
+def test_a_deep_copy_of_a_hooked_model_carries_its_own_copy_of_the_hook():
+    "The lesson's behaviour, which 06b changes: deepcopy copies the Hook with the module (its bound method holds it)."
     import copy
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
-    with Hooks(model, append_stats) as hooks:
+    with Hooks(model[:1], append_stats) as hooks:
         model(torch.randn(2, 3))
-        ema = copy.deepcopy(model)   # an average of the weights kept as a copy: not the model
+        ema = copy.deepcopy(model)   # an average of the weights kept as a copy
         ema(torch.randn(2, 3)); ema(torch.randn(2, 3))
-        assert [len(h.stats[0]) for h in hooks] == [1, 1]
-        model(torch.randn(2, 3))
-        assert [len(h.stats[0]) for h in hooks] == [2, 2]
+    ema(torch.randn(2, 3))   # after the model's hooks were removed
+    carried = next(iter(ema[0]._forward_hooks.values())).__self__
+    assert len(hooks[0].stats[0]) == 1 and forward_hook_count(model) == 0
+    assert carried is not hooks[0] and len(carried.stats[0]) == 4   # the model's row, copied, and the copy's 3
 
 
 def test_a_hook_function_cannot_change_the_output():
@@ -391,3 +393,33 @@ def test_lesson_histograms_get_hist_get_min_and_plots(plt_agg):
     plot_hists(hooks); plot_mins(hooks)
     assert plt_agg.gcf().axes[0].get_ylim() == (0, 1)
 
+
+
+class DeviceOnlyTensor(torch.Tensor):
+    "Stands in for a CUDA tensor: NumPy cannot read it (as matplotlib does) until `.cpu()` moves it."
+    def numpy(self, *args, **kwargs): raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first")
+    def cpu(self, *args, **kwargs): return self.as_subclass(torch.Tensor)
+
+
+def test_plots_move_statistics_on_the_device_to_the_cpu(plt_agg):
+    "append_stats keeps `outp.mean()` on the device; plot_hooks_stats used to hand those to matplotlib (TypeError on CUDA)."
+    lin = nn.Identity()
+    with Hooks([lin], append_stats_and_hist) as hooks:
+        for x in (torch.tensor([0.1, 0.2, 5., 20.]), torch.tensor([-1., 0.3, 9.9, 9.9])): lin(x)
+    h = hooks[0]
+    h.stats = tuple([t.as_subclass(DeviceOnlyTensor) for t in xs] for xs in h.stats)
+    with pytest.raises(TypeError, match='cuda'): torch.stack(h.stats[0]).numpy()   # the stand-in behaves as a GPU tensor
+    plot_hooks_stats(hooks)
+    means, stds = [l.get_ydata() for ax in plt_agg.gcf().axes[:2] for l in ax.lines]
+    assert means.tolist() == pytest.approx([6.325, 4.775]) and len(stds) == 2
+
+
+@cuda_only
+def test_lesson_telemetry_on_cuda_records_on_the_gpu_and_plots(plt_agg):
+    data = image_bunch()
+    learn, run = get_learn_run(NFS, data, 0.1, conv_layer, cbs=[DeviceCallback('cuda'), partial(BatchTransformXCallback, mnist_view)])
+    with Hooks(children(learn.model)[:2], append_stats_and_hist) as hooks:
+        run.fit(1, learn)
+    assert hooks[0].stats[0][0].device.type == 'cuda' and len(hooks[0].stats[0]) == len(data.train_dl)
+    plot_hooks_stats(hooks); plot_hists(hooks); plot_mins(hooks)
+    assert [len(l.get_ydata()) for l in plt_agg.gcf().axes[0].lines] == [len(data.train_dl)]
