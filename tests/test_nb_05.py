@@ -486,6 +486,11 @@ def test_the_tensor_sums_cell_inspects_its_own_fits_avg_stats(capsys):
               c=10, loss_func=F.cross_entropy)   # what the notebook's earlier cells bound; no `stats` of cell 28
     exec(notebook_cell('e5704555'), ns)
     out = capsys.readouterr().out
-    assert "train_stats sums: Tensor ['Tensor']" in out and 'a loss the Recorder kept: Tensor' in out
+    assert "sums Tensor ['Tensor']" in out and 'a loss the Recorder kept: Tensor' in out
     assert 'train:' in out and 'valid:' in out        # AvgStatsCallback printed the epoch
-    assert ns['sums'] is ns['run'].avg_stats.train_stats and ns['sums'].count == 10
+    stats = ns['train_stats']
+    assert stats is ns['run'].avg_stats.train_stats and stats.count == 10
+    # what the prose promises: the sums (all_stats) are printed, and the averages are those sums over the count
+    assert f'sums (all_stats) {[round(o, 4) for o in stats.all_stats]} over 10 items' in out
+    assert f'averages (avg_stats) {[round(o, 4) for o in stats.avg_stats]}' in out
+    assert stats.all_stats[0] == pytest.approx(10 * stats.avg_stats[0])
