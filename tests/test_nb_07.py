@@ -697,3 +697,38 @@ def test_norms_under_cuda_autocast_take_float16_as_nn_batchnorm2d_does(name):
     (gx,) = torch.autograd.grad(y.float().sum(), [x])
     assert torch.isfinite(gx).all()
     assert all(b.dtype == torch.float32 for b in layer.buffers() if b.is_floating_point())
+
+
+class NormStudyRunningBatchNorm(RunningBatchNorm):
+    "The merge of the 2026-12-01 RunningBatchNorm that made results/norm_study.md: a float32 count tensor, share = 1/(1+r)."
+    def update_stats(self, x):
+        bs, n, m, v = self.batch_stats(x)
+        mom = self.momentum(bs)
+        count = torch.as_tensor(self.count, dtype=torch.float32)
+        r = count * (1 - mom) / (mom * n)               # the old statistics' weight against this batch's
+        share = 1 / (1 + r)
+        mean = torch.lerp(self.means, m, share)
+        var = torch.lerp(self.vars, v, share) + share * share * r * (self.means - m) ** 2
+        ok = var.isfinite().detach()                    # it kept the old statistics where the new were not finite
+        self.means, self.vars = torch.where(ok, mean, self.means).detach(), torch.where(ok, var, self.vars).detach()
+        self.count, self.batch = count * (1 - mom) + mom * n, self.batch + bs
+        return mean, var
+
+
+def test_rbn_computes_what_the_norm_study_ran():
+    "Notebook 07's RunningBatchNorm equals, to float32 rounding, the version behind results/norm_study.md (as notebook 07 says)."
+    torch.manual_seed(0)
+    new, old = RunningBatchNorm(8), NormStudyRunningBatchNorm(8)
+    with torch.no_grad():
+        new.mults.normal_(1, 0.3); new.adds.normal_(0, 0.3); old.mults.copy_(new.mults); old.adds.copy_(new.adds)
+    for step, bs in enumerate([2] * 60 + [1, 3, 7, 32, 512] + [2] * 20):
+        x = (torch.randn(bs, 8, 4, 4) * (1 + step % 5) + step % 3).requires_grad_()
+        y1, y2 = new(x), old(x)
+        g = torch.randn_like(y1)
+        for a, b in zip(torch.autograd.grad(y1, [x, new.mults, new.adds], g), torch.autograd.grad(y2, [x, old.mults, old.adds], g)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new.vars, old.vars, rtol=1e-5, atol=1e-6)
+    new.eval(), old.eval()
+    x = torch.randn(4, 8, 4, 4)
+    torch.testing.assert_close(new(x), old(x), rtol=1e-5, atol=1e-5)
