@@ -137,15 +137,15 @@ def n_batches(dl):
 
 class DistributedCallback(Callback):
     """The Runner on several ranks: only the main rank prints, warns and draws; each epoch reshuffles every rank's shard alike;
-    `AvgStatsCallback` sums its totals over the ranks once per epoch; a Cancel*Exception raised on any rank stops every rank at
-    the same step; uneven data fails at once; `LR_Find` suggests one rate. With no process group, it does nothing."""
-    def __init__(self): self.validating, self.active, self.quiet = False, False, None
-    @property
-    def _order(self): return -10 if self.validating else 1000   # after the others; first for validation and after_epoch
+    `AvgStatsCallback` sums its totals over the ranks at the end of each validation pass, before anything reads them; a
+    Cancel*Exception raised on any rank stops every rank at the same step; uneven data fails at once; `LR_Find` suggests one
+    rate. With no process group, it does nothing."""
+    _order = 1000   # after every other callback, at every event
+    def __init__(self): self.active, self.quiet = False, None
 
     def set_runner(self, run):   # the start of a fit, before any callback's begin_fit
         super().set_runner(run)
-        self.active, self.validating, self.agreed, self.step_done, self.ended = is_dist(), False, False, False, False
+        self.active, self.agreed, self.step_done, self.ended, self.summed_in, self.valid_done = is_dist(), False, False, False, -1, 0
         if not self.active: return
         self.rank, self.world = get_rank(), get_world_size()
         if not is_main(): self.silence()
@@ -180,11 +180,15 @@ class DistributedCallback(Callback):
         if not self.in_train and cancel is not CancelTrainException: return   # in validation: local
         mine = CANCELS.index(cancel)
         self.agree(CANCELS[mine + 1:], mine)                                    # (a wider cancel elsewhere wins)
-    def after_cancel_batch(self): self.caught(CancelBatchException)
-    def after_cancel_epoch(self): self.caught(CancelEpochException)
+    def after_cancel_batch(self):
+        if not self.in_train: self.step_done = True   # a validation batch ended by a cancel still counts as done
+        self.caught(CancelBatchException)
+    def after_cancel_epoch(self):
+        if self.in_train: self.caught(CancelEpochException)
+        else: self.end_of_validation()                # this rank's validation pass was cut short
     def after_cancel_train(self):
         self.caught(CancelTrainException)
-        self.ended, self.validating = True, False   # (after_fit: after the others again)
+        self.ended = True
 
     def begin_epoch(self):
         if not self.active: return
@@ -200,16 +204,27 @@ class DistributedCallback(Callback):
         if 0 in sizes: raise UnevenDataError(f'an empty training batch at step {self.n_iter} (batch sizes: {per_rank(sizes)}): '
                                              f'every rank needs items in every training batch')
     def after_loss(self):
-        if self.active and self.in_train: self.agree(CANCELS[1:])
+        if not self.in_train: self.step_done = True   # a validation batch is done once its loss is counted
+        elif self.active: self.agree(CANCELS[1:])
     def after_step(self): self.step_done = True
     def after_batch(self):   # also reached when an error or a cancel ends the step: then no collective
         done, self.step_done = self.step_done, False
-        if self.active and self.in_train and done: self.agree((CancelEpochException, CancelTrainException))
-    def begin_validate(self): self.validating = True
-    def after_epoch(self):
-        self.validating = False
-        if not self.active: return
-        self.agree()   # a CancelTrainException from validation stops every rank before the statistics are printed
+        if not (self.active and done): return
+        if self.in_train: self.agree((CancelEpochException, CancelTrainException))
+        else:
+            self.valid_done += 1
+            if self.valid_done == self.iters: self.end_of_validation()   # this rank's last validation batch
+    def begin_validate(self):
+        self.valid_done = 0
+        if self.iters == 0: self.end_of_validation()   # no validation batch on this rank
+    def after_epoch(self): self.end_of_validation()   # if not done yet: validation skipped (LR_Find) or shorter than its len
+
+    def end_of_validation(self):
+        """Once per epoch, on every rank at the end of its validation pass, before any callback's `after_epoch`: agree on a
+        cancel, then sum the statistics of `AvgStatsCallback` and `ProgressCallback` over the ranks."""
+        if not self.active or self.summed_in == self.epoch: return
+        self.summed_in = self.epoch
+        self.agree()   # a CancelTrainException from validation stops every rank before the statistics are summed
         self.ended = self.epoch == self.epochs - 1   # no agreement follows: a cancel from here on is for this rank only
         for cb in self.run.cbs:
             if isinstance(cb, AvgStatsCallback): reduce_avg_stats(cb.train_stats); reduce_avg_stats(cb.valid_stats)
@@ -220,7 +235,7 @@ class DistributedCallback(Callback):
             for cb in self.run.cbs:
                 if isinstance(cb, LR_Find) and cb.losses: cb.losses = [s / self.world for s in reduce_sums(cb.losses)]
         if self.quiet is not None: self.quiet.close()
-        self.quiet, self.validating = None, False
+        self.quiet = None
 
 def per_rank(values): return ', '.join(f'rank {r} {v}' for r, v in enumerate(values))
 # %% nbs/07b_distributed.ipynb cell 35

@@ -4,9 +4,12 @@
 found as `dist_helpers` because tests/ is on `sys.path` (test_nb_07b.py puts it there; a spawned process gets its
 parent's `sys.path`); a script started as a subprocess gets tests/ through PYTHONPATH.
 """
+import contextlib
+import io
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from exp.nb_07b import *
 
@@ -95,3 +98,34 @@ def note_pid_and_wait(folder):
     Path(folder, f'pid{get_rank()}').write_text(str(os.getpid()))
     print('waiting', flush=True)
     time.sleep(600)
+
+
+class CancelInValidation(Callback):
+    "On rank `rank`, raise `fault` at the start of validation batch `at` (counted from 0) of each epoch."
+    def __init__(self, rank, fault, at=1): self.rank, self.fault, self.at = rank, fault, at
+    def begin_validate(self): self.seen = 0
+    def begin_batch(self):
+        if self.in_train: return
+        self.seen += 1
+        if get_rank() == self.rank and self.seen - 1 == self.at: raise self.fault()
+
+
+class Printed(NamedTuple):
+    "A fit's `FitResult`, what this rank printed during it, and its `AvgStats` totals' averages after it (train, valid)."
+    fit: FitResult
+    stdout: str
+    train: list
+    valid: list
+
+
+def fits_and_prints(jobs):
+    "`fit_worker(*job)` for each job, each with what this rank printed during it and the statistics it held after it."
+    out = []
+    for job in jobs:
+        learn_run, printed = job[0], io.StringIO()
+        runs = []
+        def keep(): learn, run = learn_run(); runs.append(run); return learn, run
+        with contextlib.redirect_stdout(printed): res = fit_worker(keep, *job[1:])
+        stats = getattr(runs[0], 'avg_stats', None)
+        out.append(Printed(res, printed.getvalue(), stats and stats.train_stats.avg_stats, stats and stats.valid_stats.avg_stats))
+    return out

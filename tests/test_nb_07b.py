@@ -7,6 +7,7 @@ OMP_NUM_THREADS=1 and one torch thread each.
 """
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,6 +131,44 @@ def test_two_ranks(tmp_path):
     assert 'valid:' in res.stdout[0] and 'CancelTrainException on rank 1' in res.stdout[0]
     assert (r0['saves'], r1['saves']) == (1, 0) and r0['readable'] and r1['readable']
     assert [p.name for p in tmp_path.iterdir()] == ['model.pt']
+
+
+def whole_set(res, data):
+    "The loss and accuracy of `res`'s weights on the whole validation set of `data`, in this process."
+    learn, _ = an_epoch([], data=data)()
+    learn.model.load_state_dict(res.weights)
+    learn.model.eval()
+    with torch.no_grad(): pred = learn.model(data.valid_ds.x)
+    return [F.cross_entropy(pred, data.valid_ds.y).item(), accuracy(pred, data.valid_ds.y).item()]
+
+
+def printed_stats(out, which):
+    "The numbers AvgStatsCallback printed on the line `which: [...]`."
+    return [float(v) for v in re.search(rf'^{which}: \[(.*)\]$', out, re.M).group(1).split(',')]
+
+
+def test_what_rank_0_prints_is_the_statistics_of_every_rank():
+    """The epoch's lines that rank 0 prints (AvgStatsCallback's, ProgressCallback's row) are the whole set's: the ranks sum their
+    totals at the end of their validation passes, before any callback's after_epoch (DistributedCallback runs last)."""
+    uneven, one_item = make_data(40, 2, nv=9), make_data(40, 2, nv=1)   # validation: 2 batches on rank 0, 1 on rank 1; 0 on rank 1
+    jobs = [(an_epoch([DDPCallback], data=uneven),),
+            (an_epoch([DDPCallback, partial(ProgressCallback, 'text')], data=uneven),),
+            (an_epoch([DDPCallback], data=one_item),),
+            (an_epoch([DDPCallback, CancelInValidation(0, CancelEpochException)], data=uneven),),   # rank 0 validates 1 batch
+            (an_epoch([DDPCallback, CancelInValidation(1, CancelTrainException, at=0)], data=uneven),)]
+    (plain, progress, single, cut, stop), (plain1, _, _, cut1, stop1) = launch(fits_and_prints, 2, args=(jobs,), timeout=30, threads=1)
+    for r, data in ((plain, uneven), (single, one_item)):
+        want = whole_set(r.fit, data)
+        assert r.fit.valid_count == len(data.valid_ds)
+        assert printed_stats(r.stdout, 'valid') == pytest.approx(want, abs=2e-6), (r.stdout, want)
+        assert printed_stats(r.stdout, 'train') == pytest.approx(r.train, abs=2e-6)     # summed too: as every rank holds it
+    assert plain.train == plain1.train and plain.valid == plain1.valid
+    row = progress.stdout.strip().splitlines()[-1].split()                        # epoch train_loss valid_loss accuracy time
+    assert [float(v) for v in row[2:4]] == pytest.approx(whole_set(progress.fit, uneven), abs=2e-6), progress.stdout
+    assert cut.fit.valid_count == cut1.fit.valid_count == 4 + 4                   # rank 0's first batch, rank 1's only one
+    assert printed_stats(cut.stdout, 'valid') == pytest.approx(cut.valid, abs=2e-6)
+    assert stop.fit.n_iter == stop1.fit.n_iter == 10 and 'valid:' not in stop.stdout   # both stop before printing
+    assert 'CancelTrainException on rank 1' in stop.stdout
 
 
 def test_a_raising_rank_ends_the_run():
