@@ -147,7 +147,7 @@ def get_min(h, near_zero=slice(0, 2)):
 
 def plot_mins(hooks, near_zero=slice(0, 2), title=''):
     plot_panels(hooks, lambda ax, h: (ax.plot(get_min(h, near_zero)), ax.set_ylim(0, 1)), title, 'share near zero')
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 62
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 63
 class GeneralRelu(nn.Module):
     def __init__(self, leak=None, sub=None, maxv=None):
         super().__init__()
@@ -166,7 +166,7 @@ def get_learn_run(nfs, data, lr, layer, cbs=None, opt_func=None, uniform=False, 
     model = get_cnn_model(data, nfs, layer, **kwargs)
     init_cnn(model, uniform=uniform) if init is None else init(model)
     return get_runner(model, data, lr=lr, cbs=cbs, opt_func=opt_func)
-# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 69
+# %% nbs/06_cuda_cnn_hooks_init.ipynb cell 70
 class ActivationStatsCallback(Callback):
     "Hooks each module of `modules(model)` (default: its children) with `append_stats_and_hist` during each fit."
     def __init__(self, modules=children, hist_range=(0, 10)): self.modules, self.hist_range, self.hooks = modules, hist_range, Hooks([], None)
