@@ -255,7 +255,7 @@ class ActivationStatsCallback(Callback):
     def plot_stats(self, n=None): plot_hooks_stats(self.recorded(), n)
     def plot_hists(self, title=''): plot_hists(self.recorded(), title)
     def plot_mins(self, near_zero=slice(0, 2), title=''): plot_mins(self.recorded(), near_zero, title)
-# %% nbs/06b_telemetry.ipynb cell 29
+# %% nbs/06b_telemetry.ipynb cell 30
 def plot_layer(hooks, layer=0, steps=(0, None)):
     "The means, stds and histograms one hook of `hooks` recorded, over the training calls `steps[0]` to `steps[1]`."
     h = check_recorded(hooks)[layer]
