@@ -7,8 +7,8 @@ import warnings
 class RunningBatchNorm(RunningBatchNorm):
     """Notebook 07's `RunningBatchNorm`, engineered: `count` and `batch` are host numbers in eager mode and 0-dim tensors
     (`count_t`, `batch_t`, replaced, never changed in place) under `torch.compile` or for tensor batch sizes (07b), each
-    form brought up to date from the other when needed, so that nothing waits for the device and the layer compiles once; a channel whose merged statistics are not finite keeps its
-    old ones; the count stays in float32 or wider whatever the layer's dtype; a state dict without `count` warns."""
+    form brought up to date from the other when needed, so that the layer compiles once and no step reads a device value
+    (but an eager step after compiled ones, once); a channel whose merged statistics are not finite keeps its old ones; the count stays in float32 or wider whatever the layer's dtype; a state dict without `count` warns."""
     def __init__(self, nf, mom=0.1, eps=1e-5):
         super().__init__(nf, mom, eps)
         self.register_buffer('count_t', torch.tensor(0.), persistent=False)  # count and batch as tensors
@@ -88,7 +88,7 @@ class RunningBatchNorm(RunningBatchNorm):
                           f"stay as they were and the next training batch outweighs the loaded statistics: save and "
                           f"load the whole state dict")
         super()._load_from_state_dict(state_dict, prefix, *args)
-# %% nbs/07a_fast_norms.ipynb cell 22
+# %% nbs/07a_fast_norms.ipynb cell 24
 class FastRunningBatchNorm(RunningBatchNorm):
     "`RunningBatchNorm` with the backward pass of its training step written by hand: the same numbers, faster."
     def forward(self, x):
@@ -116,6 +116,29 @@ class _FastRunningBatchNormStep(torch.autograd.Function):
         gs = g.sum((0, 2, 3), keepdim=True)             # the gradient of adds
         gh = (g * xhat).sum((0, 2, 3), keepdim=True)    # the gradient of mults
         return torch.addcmul(ctx.B * gs, xhat, ctx.Bfree * gh).addcmul_(g, ctx.scale), gh, gs, None
+# %% nbs/07a_fast_norms.ipynb cell 32
+def compile_for_training(model, xb, yb, xv, device=None, backend='inductor'):
+    """`torch.compile(model)` on `device` (default: `default_device()`), its training step compiled on `(xb, yb)` (and run
+    again) and its evaluation on `xv`; where torch.compile or its backend cannot run (an unsupported Python or platform,
+    no C++ compiler, no Triton), `model` itself, eager, with one line that says why. Other errors (a bug in the model,
+    tensors on two devices) are raised."""
+    import torch._dynamo
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device)   # where it will run, with the inputs (DeviceCallback moves it only at begin_fit, after this)
+    if not torch._dynamo.is_dynamo_supported():
+        print(f'torch.compile does not run on this Python or platform: running eager'); return model
+    xb, yb, xv = xb.to(device), yb.to(device), xv.to(device)
+    compiled = torch.compile(model, backend=backend)   # no CUDA graphs ('reduce-overhead'): a replay overwrites the norms' state
+    try:
+        for _ in range(2): F.cross_entropy(compiled(xb), yb).backward()   # compile the training step, and run it again
+        with torch.no_grad(): compiled.eval()(xv)                         # compile the evaluation
+    except torch._dynamo.exc.BackendCompilerFailed as e:   # the compiler failed, not the model: fall back to eager
+        why = getattr(e, 'inner_exception', None) or e
+        print(f'compiling failed here ({type(why).__name__}: {str(why).strip()[:200]}): running eager')
+        compiled = model
+    model.train(); model.zero_grad()
+    return compiled
 
 from exp.nb_07 import __all__ as _nb_07_all
-__all__ = [*_nb_07_all, 'warnings', 'RunningBatchNorm', 'FastRunningBatchNorm']
+__all__ = [*_nb_07_all, 'warnings', 'RunningBatchNorm', 'FastRunningBatchNorm',
+           'compile_for_training']

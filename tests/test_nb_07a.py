@@ -179,3 +179,78 @@ def test_count_tensor_keeps_float32_or_wider_when_the_layer_changes_dtype(RBN):
     assert copy.deepcopy(rbn).double().count_t.dtype == torch.float64
     meta = copy.deepcopy(rbn).to('meta')
     assert meta.count_t.device.type == meta.batch_t.device.type == 'meta'
+
+
+def small_cnn(seed=0):
+    "A small CNN with the exported RunningBatchNorm, on the CPU."
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1, bias=False), RunningBatchNorm(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+
+def compile_batches(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 1, 8, 8, generator=g), torch.randint(0, 10, (2,), generator=g), torch.randn(4, 1, 8, 8, generator=g)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    dynamo = pytest.importorskip('torch._dynamo')
+    dynamo.reset()
+    yield
+    dynamo.reset()
+
+
+def test_compile_for_training_moves_the_model_to_the_device_first(fresh_dynamo, monkeypatch, capsys):
+    "The Runner's DeviceCallback moves the model only at begin_fit: compiled before, on CPU weights, it met GPU inputs."
+    monkeypatch.setattr(nb_07a, 'default_device', lambda: torch.device('meta'))   # a device the inputs go to, not the CPU
+    model = small_cnn()
+    compiled = nb_07a.compile_for_training(model, *compile_batches(), backend='eager')
+    out = capsys.readouterr().out
+    assert 'running eager' not in out and 'not available' not in out, out
+    assert compiled is not model and all(p.device.type == 'meta' for p in model.parameters())
+    assert model.training and all(p.grad is None or not p.grad.any() for p in model.parameters() if p.device.type != 'meta')
+
+
+def test_compile_for_training_raises_errors_that_are_not_the_compilers(fresh_dynamo, capsys):
+    "A model whose tensors sit on two devices is a bug in the model: raised, never reported as 'compiling failed'."
+    class TwoDevices(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 10)
+        def forward(self, x): return self.lin(x.flatten(1).to('meta'))   # the weights stay on the CPU
+    with pytest.raises(RuntimeError, match='(?i)device'):
+        nb_07a.compile_for_training(TwoDevices(), *compile_batches(), device='cpu', backend='eager')
+    out = capsys.readouterr().out
+    assert 'running eager' not in out and 'not available' not in out, out
+
+
+def test_compile_for_training_runs_eager_when_the_backend_fails(fresh_dynamo, capsys):
+    def no_compiler(gm, inputs): raise RuntimeError('no C++ compiler found (simulated)')
+    model = small_cnn()
+    got = nb_07a.compile_for_training(model, *compile_batches(), device='cpu', backend=no_compiler)
+    out = capsys.readouterr().out
+    assert got is model and 'running eager' in out and 'no C++ compiler' in out, out
+    assert model.training and all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert torch.isfinite(got(compile_batches()[0])).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_compile_for_training_on_cuda_compiles_on_the_gpu(fresh_dynamo, capsys):
+    "On a GPU (inductor, CUDA graphs): a CPU model is moved and compiled, and trains as its eager twin does."
+    xb, yb, xv = compile_batches()
+    eager, model = small_cnn().cuda(), small_cnn()
+    compiled = nb_07a.compile_for_training(model, xb, yb, xv)
+    assert 'running eager' not in capsys.readouterr().out and compiled is not model
+    assert all(p.device.type == 'cuda' for p in model.parameters())
+    for _ in range(2): torch.nn.functional.cross_entropy(eager(xb.cuda()), yb.cuda()).backward()   # the same warm-up
+    eager.zero_grad()
+    losses = {}
+    for name, m in (('eager', eager), ('compiled', compiled)):
+        opt, losses[name] = torch.optim.SGD(m.parameters(), lr=0.1), []
+        for step in range(5):
+            x, y, _ = compile_batches(seed=10 + step)
+            loss = torch.nn.functional.cross_entropy(m(x.cuda()), y.cuda())
+            loss.backward(); opt.step(); opt.zero_grad()
+            losses[name].append(loss.item())
+    assert losses['compiled'] == pytest.approx(losses['eager'], rel=1e-3, abs=1e-4)
