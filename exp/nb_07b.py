@@ -53,7 +53,7 @@ def all_reduce_demo():
     dist.all_reduce(t)
     print(f'rank {get_rank()} of {get_world_size()}: {before} before the all-reduce, {t.item()} after')
     return AllReduced(before, t.item())
-# %% nbs/07b_distributed.ipynb cell 16
+# %% nbs/07b_distributed.ipynb cell 18
 class ShardSampler():
     """Batches of `bs` items from this rank's shard of `ds`: one order for every rank (seeded; `set_epoch` reshuffles),
     rank r of W taking items r, r+W, r+2W... of it. Shuffled (training): the last `len(ds) % W` items of each epoch's
@@ -82,7 +82,7 @@ def get_dist_dls(train_ds, valid_ds, bs, seed=0, **kwargs):
     "`get_dls` for several ranks: each rank's training loader gives batches of `bs` of its shard, its validation loader `2*bs`."
     return (DataLoader(train_ds, ShardSampler(train_ds, bs, shuffle=True, seed=seed), **kwargs),
             DataLoader(valid_ds, ShardSampler(valid_ds, bs * 2), **kwargs))
-# %% nbs/07b_distributed.ipynb cell 21
+# %% nbs/07b_distributed.ipynb cell 23
 class AllReduceGradsCallback(Callback):
     "Data parallel by hand: every rank starts from rank 0's weights; after each backward pass the gradients are averaged over the ranks."
     _order = 2   # after DeviceCallback has moved the model
@@ -93,7 +93,7 @@ class AllReduceGradsCallback(Callback):
             if p.grad is None: continue
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
-# %% nbs/07b_distributed.ipynb cell 23
+# %% nbs/07b_distributed.ipynb cell 25
 @dataclass
 class FitResult:
     "What `fit_worker` measured on one rank: the weights (on the CPU), the training steps, validation's [loss, metrics...] and items."
@@ -114,7 +114,7 @@ def fit_worker(make_learn_run, epochs=1, seed=0):
 def fit_workers(jobs):
     "`fit_worker(*job)` for each job (`(make_learn_run, epochs)`...) in turn, in one process group: one launch, several fits."
     return [fit_worker(*job) for job in jobs]
-# %% nbs/07b_distributed.ipynb cell 32
+# %% nbs/07b_distributed.ipynb cell 34
 def reduce_sums(values):
     "The element-wise sums over the ranks of the numbers `values` (floats, ints or one-element tensors): one all-reduce."
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
@@ -125,7 +125,7 @@ def reduce_avg_stats(stats):
     "Replace the totals and count of the `AvgStats` `stats` by their sums over the ranks."
     tot_loss, count, *tot_mets = reduce_sums([stats.tot_loss, stats.count, *stats.tot_mets])
     stats.tot_loss, stats.count, stats.tot_mets = tot_loss, int(count), tot_mets
-# %% nbs/07b_distributed.ipynb cell 33
+# %% nbs/07b_distributed.ipynb cell 35
 CANCELS = [None, CancelBatchException, CancelEpochException, CancelTrainException]   # the wider the reach, the higher
 
 class UnevenDataError(ValueError): "The ranks have different numbers of training batches, or one has an empty batch."
@@ -238,7 +238,7 @@ class DistributedCallback(Callback):
         self.quiet = None
 
 def per_rank(values): return ', '.join(f'rank {r} {v}' for r, v in enumerate(values))
-# %% nbs/07b_distributed.ipynb cell 35
+# %% nbs/07b_distributed.ipynb cell 37
 class DDPCallback(DistributedCallback):
     """`DistributedCallback` with PyTorch's `DistributedDataParallel`: each training forward pass runs through a DDP wrapper,
     made at the first training batch (from rank 0's weights), so the gradients are averaged over the ranks during the backward
@@ -261,7 +261,7 @@ class DDPCallback(DistributedCallback):
         if self.learn is not None: self.unwrap()
         self.ddp = None
         super().after_fit()
-# %% nbs/07b_distributed.ipynb cell 36
+# %% nbs/07b_distributed.ipynb cell 38
 def save_model(model, path):
     """Save `model`'s weights (the real module's, not a DDP wrapper's) from the main rank only, atomically (the whole file
     or, after a failure, the file that was there); every rank waits until it is written."""
@@ -281,7 +281,7 @@ def main_first(f):
     res = f()
     if is_dist() and is_main(): dist.barrier()
     return res
-# %% nbs/07b_distributed.ipynb cell 44
+# %% nbs/07b_distributed.ipynb cell 46
 class AllReduceSum(torch.autograd.Function):
     "The sum of a tensor over the ranks; its backward pass sums the gradients over the ranks too."
     @staticmethod
@@ -318,7 +318,7 @@ class SyncBatchNorm(BatchNorm):
 class SyncRunningBatchNorm(RunningBatchNorm):
     "`RunningBatchNorm` whose batches are every rank's share together: its statistics come from one all-reduce per layer."
     def batch_stats(self, x): return sync_batch_stats(x, self.means) if is_dist() else super().batch_stats(x)
-# %% nbs/07b_distributed.ipynb cell 52
+# %% nbs/07b_distributed.ipynb cell 54
 class RankResults(list):
     "What `fn` returned on each rank, in rank order; `stdout[r]` is what rank r printed."
 
@@ -343,7 +343,7 @@ def _watch_parent(alive, folder):
     except (EOFError, OSError): pass
     shutil.rmtree(folder, ignore_errors=True)
     os._exit(1)
-# %% nbs/07b_distributed.ipynb cell 54
+# %% nbs/07b_distributed.ipynb cell 56
 def definitions(obj):
     "The source texts that make `obj`: a function's, or each of a class's own methods'."
     if inspect.isfunction(obj): return [inspect.getsource(obj)]
@@ -367,7 +367,7 @@ def warn_if_stale(main=None, module='exp.nb_07b'):
     names = stale_names(main, module)
     if names: warnings.warn(f'launch: {", ".join(names)} changed in this notebook but not in {module}, which the processes run: '
                             f'export the notebook (python notebook2script.py nbs/07b_distributed.ipynb) to run the new code')
-# %% nbs/07b_distributed.ipynb cell 56
+# %% nbs/07b_distributed.ipynb cell 58
 class RankTimeoutError(TimeoutError): "A rank waited for the others longer than the process group's timeout."
 
 TIMEOUT_WORDS = re.compile(r'timed out|timeout', re.IGNORECASE)   # gloo: 'Timed out waiting 3000ms...'; NCCL: '...timeout...'
@@ -388,7 +388,7 @@ def run_in_group(fn, args=(), timeout=DEFAULT_TIMEOUT):
                                f'(the `timeout` of launch / init_distributed): {why}') from e
     if is_dist(): dist.destroy_process_group()
     return res
-# %% nbs/07b_distributed.ipynb cell 58
+# %% nbs/07b_distributed.ipynb cell 60
 def rendezvous_uri(folder, path=Path):
     "The file URI where `launch`'s processes meet: `file:///tmp/...`; on Windows `file:///C:/...`, which a plain f-string is not."
     return path(folder, 'rendezvous').as_uri()
@@ -406,7 +406,7 @@ def _worker(rank, fn, args, world_size, folder, timeout, threads, alive):
     except BaseException as e:   # noted with its time: `launch` reports the first failure, not the others' reactions
         Path(folder, f'error{rank}.txt').write_text(f'{time.time()}\n{error_line(e)}\n{traceback.format_exc()}')
         os._exit(1)              # at once: leaving the group politely would wait for the others
-# %% nbs/07b_distributed.ipynb cell 60
+# %% nbs/07b_distributed.ipynb cell 62
 def first_error(folder, exits=None):
     """The first failure of `launch`'s ranks, a `RankError` (None if none): a rank that ended (`exits[r]`: its exit code) with
     neither result nor error comes first, as the one that left; else the earliest error noted in `folder`."""
@@ -464,7 +464,7 @@ def _no_sigint():
     try: yield
     finally:
         if main: signal.signal(signal.SIGINT, saved)
-# %% nbs/07b_distributed.ipynb cell 62
+# %% nbs/07b_distributed.ipynb cell 64
 def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
     "Run `fn(*args)` on `nprocs` new processes, one rank each; print what rank 0 printed; return a `RankResults`."
     if names := from_notebook_main((fn, args)): raise ValueError(
@@ -501,7 +501,7 @@ def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
         res = RankResults(torch.load(Path(folder, f'result{r}.pt'), weights_only=False) for r in range(nprocs))
     res.stdout = outs
     return res
-# %% nbs/07b_distributed.ipynb cell 64
+# %% nbs/07b_distributed.ipynb cell 66
 class FaultCallback(Callback):
     "For trying faults: on rank `rank`, at training step `n_iter`, in `event`, raise `fault` (an exception class) or, if 'hang', stop answering."
     EVENTS = ('begin_batch', 'after_loss', 'after_step')
