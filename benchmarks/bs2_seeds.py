@@ -89,10 +89,10 @@ def main(argv=None):
     study = StudyResults(args.out, 'bs2_seeds', table)
     if args.table: return study.rewrite_table(p)
     import exp.nb_07 as nb
+    results = study.load(p, RECIPE, 'bs2_seeds.py', argv, nb.torch.__version__)   # before the data: a wrong file fails at once
     x_train, y_train, x_valid, y_valid = nb.get_data()
-    x_train, x_valid = nb.normalize_to(x_train, x_valid)   # with torch's default threads, as notebook 07: the mean's
-    nb.torch.set_num_threads(1)                            # last bit depends on the threads, and changes the runs
-    results = study.load(p, RECIPE, 'bs2_seeds.py', argv, nb.torch.__version__)
+    x_train, x_valid = nb.normalize_to(x_train, x_valid)   # with torch's default threads: the mean's last bit depends
+    nb.torch.set_num_threads(1)                            # on the threads, and changes the runs
     data2 = nb.DataBunch(*nb.get_dls(nb.Dataset(x_train, y_train), nb.Dataset(x_valid, y_valid), 2), 10)
     for seed in args.seeds:
         for norm in args.norms:

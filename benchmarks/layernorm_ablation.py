@@ -96,8 +96,8 @@ def table(results):
         lines.append(f'| {NAMES[variant]} | ' + ' | '.join(cells) + ' |')
     grew = [r['peak_activation'] for r in runs.values() if r['diverged_at'] is not None]
     kept = [r['peak_activation'] for r in runs.values() if r['diverged_at'] is None]
-    lines += ['', f"The largest input of a layer norm during training: {min(grew):.0e} to {max(grew):.0e} in the runs that "
-              f"diverged, {min(kept):.0e} to {max(kept):.0e} in the others." if grew and kept else '', '… : not run.']
+    lines += ['', f"The largest input of a layer norm during training: {min(grew):.3g} to {max(grew):.3g} in the runs that "
+              f"diverged, {min(kept):.3g} to {max(kept):.3g} in the others." if grew and kept else '', '… : not run.']
     return '\n'.join(lines) + '\n'
 
 
