@@ -318,7 +318,7 @@ class SyncBatchNorm(BatchNorm):
 class SyncRunningBatchNorm(RunningBatchNorm):
     "`RunningBatchNorm` whose batches are every rank's share together: its statistics come from one all-reduce per layer."
     def batch_stats(self, x): return sync_batch_stats(x, self.means) if is_dist() else super().batch_stats(x)
-# %% nbs/07b_distributed.ipynb cell 54
+# %% nbs/07b_distributed.ipynb cell 55
 class RankResults(list):
     "What `fn` returned on each rank, in rank order; `stdout[r]` is what rank r printed."
 
@@ -343,7 +343,7 @@ def _watch_parent(alive, folder):
     except (EOFError, OSError): pass
     shutil.rmtree(folder, ignore_errors=True)
     os._exit(1)
-# %% nbs/07b_distributed.ipynb cell 56
+# %% nbs/07b_distributed.ipynb cell 57
 def definitions(obj):
     "The source texts that make `obj`: a function's, or each of a class's own methods'."
     if inspect.isfunction(obj): return [inspect.getsource(obj)]
@@ -367,7 +367,7 @@ def warn_if_stale(main=None, module='exp.nb_07b'):
     names = stale_names(main, module)
     if names: warnings.warn(f'launch: {", ".join(names)} changed in this notebook but not in {module}, which the processes run: '
                             f'export the notebook (python notebook2script.py nbs/07b_distributed.ipynb) to run the new code')
-# %% nbs/07b_distributed.ipynb cell 58
+# %% nbs/07b_distributed.ipynb cell 59
 class RankTimeoutError(TimeoutError): "A rank waited for the others longer than the process group's timeout."
 
 TIMEOUT_WORDS = re.compile(r'timed out|timeout', re.IGNORECASE)   # gloo: 'Timed out waiting 3000ms...'; NCCL: '...timeout...'
@@ -388,7 +388,7 @@ def run_in_group(fn, args=(), timeout=DEFAULT_TIMEOUT):
                                f'(the `timeout` of launch / init_distributed): {why}') from e
     if is_dist(): dist.destroy_process_group()
     return res
-# %% nbs/07b_distributed.ipynb cell 60
+# %% nbs/07b_distributed.ipynb cell 61
 def rendezvous_uri(folder, path=Path):
     "The file URI where `launch`'s processes meet: `file:///tmp/...`; on Windows `file:///C:/...`, which a plain f-string is not."
     return path(folder, 'rendezvous').as_uri()
@@ -406,7 +406,7 @@ def _worker(rank, fn, args, world_size, folder, timeout, threads, alive):
     except BaseException as e:   # noted with its time: `launch` reports the first failure, not the others' reactions
         Path(folder, f'error{rank}.txt').write_text(f'{time.time()}\n{error_line(e)}\n{traceback.format_exc()}')
         os._exit(1)              # at once: leaving the group politely would wait for the others
-# %% nbs/07b_distributed.ipynb cell 62
+# %% nbs/07b_distributed.ipynb cell 63
 def first_error(folder, exits=None):
     """The first failure of `launch`'s ranks, a `RankError` (None if none): a rank that ended (`exits[r]`: its exit code) with
     neither result nor error comes first, as the one that left; else the earliest error noted in `folder`."""
@@ -464,7 +464,7 @@ def _no_sigint():
     try: yield
     finally:
         if main: signal.signal(signal.SIGINT, saved)
-# %% nbs/07b_distributed.ipynb cell 64
+# %% nbs/07b_distributed.ipynb cell 65
 def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
     "Run `fn(*args)` on `nprocs` new processes, one rank each; print what rank 0 printed; return a `RankResults`."
     if names := from_notebook_main((fn, args)): raise ValueError(
@@ -501,7 +501,7 @@ def launch(fn, nprocs=2, args=(), timeout=DEFAULT_TIMEOUT, threads=None):
         res = RankResults(torch.load(Path(folder, f'result{r}.pt'), weights_only=False) for r in range(nprocs))
     res.stdout = outs
     return res
-# %% nbs/07b_distributed.ipynb cell 66
+# %% nbs/07b_distributed.ipynb cell 67
 class FaultCallback(Callback):
     "For trying faults: on rank `rank`, at training step `n_iter`, in `event`, raise `fault` (an exception class) or, if 'hang', stop answering."
     EVENTS = ('begin_batch', 'after_loss', 'after_step')
