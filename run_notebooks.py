@@ -12,6 +12,7 @@ Exit status: 0 all ran, 1 a notebook or the export failed, 2 bad arguments, 130 
 """
 import argparse, math, os, re, signal, subprocess, sys, time
 from pathlib import Path
+from queue import Empty
 
 import nbformat
 from nbclient import NotebookClient
@@ -43,6 +44,26 @@ def kernel_env(root, quick, threads):
     return env
 
 
+def wait_for_replies_in_slices(kc, slice_s=1.0):
+    """Makes the kernel client wait for each shell reply in polls of at most `slice_s` seconds, up to the same
+    deadline. nbclient waits for a cell's reply with one poll as long as the cell's timeout (an hour here). That
+    poll has been seen to sleep on while the kernel sat idle, its reply sent (jupyter/nbclient#312); a fresh poll
+    finds a reply that is waiting."""
+    channel = kc.shell_channel
+    poll_once = channel.get_msg
+
+    async def get_msg(timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await poll_once(timeout=slice_s if left is None else min(slice_s, left))
+            except Empty:
+                if left is not None and left <= slice_s:
+                    raise
+    channel.get_msg = get_msg
+
+
 def execute(nb, cwd, env, timeout):
     "Run the notebook's cells in a fresh kernel, in order; None if all ran, else (cell index, error)."
     for cell in nb.cells:  # no outputs left from an earlier run
@@ -53,6 +74,7 @@ def execute(nb, cwd, env, timeout):
     index = None
     try:  # the kernel's own log (a zmq traceback after a timeout) is not ours to show: stderr goes nowhere
         with client.setup_kernel(env=env, stderr=subprocess.DEVNULL):
+            wait_for_replies_in_slices(client.kc)
             reply = client.wait_for_reply(client.kc.kernel_info())
             nb.metadata.language_info = reply["content"]["language_info"]
             for index, cell in enumerate(nb.cells):

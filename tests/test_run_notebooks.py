@@ -257,3 +257,27 @@ def test_a_notebook_that_is_a_symbolic_link_is_written_through_the_link(nbs, tmp
     assert (nbs / "01_a.ipynb").is_symlink() and os.readlink(nbs / "01_a.ipynb") == str(real)
     assert stdout_of(real) == ["ran\n"]
     assert sorted(p.name for p in real.parent.iterdir()) == ["01_a.ipynb"]  # no temporary file left
+
+
+def test_a_cells_reply_is_awaited_in_short_polls_up_to_the_same_deadline():
+    "jupyter/nbclient#312: one poll as long as the cell's timeout has slept on past a reply; short polls find it."
+    import asyncio
+    from queue import Empty
+    from types import SimpleNamespace
+    polls, reply_at = [], [4]
+
+    class Shell:
+        async def get_msg(self, timeout=None):
+            polls.append(timeout)
+            if len(polls) == reply_at[0]: return {"reply": "ok"}
+            await asyncio.sleep(timeout)
+            raise Empty
+
+    kc = SimpleNamespace(shell_channel=Shell())
+    rn.wait_for_replies_in_slices(kc, slice_s=0.01)
+    assert asyncio.run(kc.shell_channel.get_msg(timeout=3600)) == {"reply": "ok"}
+    assert len(polls) == 4 and max(polls) == 0.01          # not one poll of an hour
+    polls.clear(); reply_at[0] = None                       # no reply: Empty once the cell's own timeout has passed
+    start = time.monotonic()
+    with pytest.raises(Empty): asyncio.run(kc.shell_channel.get_msg(timeout=0.05))
+    assert time.monotonic() - start >= 0.045 and len(polls) >= 2 and max(polls) <= 0.01
