@@ -240,42 +240,8 @@ def test_device_callback_moves_model_and_batches_to_cuda():
 
 # --- telemetry callback --------------------------------------------------------------------------
 
-def test_activation_stats_callback_records_and_leaves_no_hooks():
-    data = image_bunch(n_train=40, bs=8)  # 5 training steps per epoch
-    model = get_cnn_model(data, NFS, conv_layer)
-    learn, run = get_runner(model, data, cbs=cbfs() + [ActivationStatsCallback])
-    run.fit(2, learn)
-    hooks = run.activation_stats.hooks
-    assert len(hooks) == len(children(model))
-    assert all(len(h.stats[0]) == 10 and len(h.hists) == 10 for h in hooks)
-    assert forward_hook_count(model) == 0
-
-
-def test_twenty_fits_with_telemetry_leave_no_hooks_and_no_growing_state():
-    data = image_bunch(n_train=16, n_valid=8, bs=8)  # 2 training steps per epoch
-    model = get_cnn_model(data, NFS, conv_layer)
-    telemetry = ActivationStatsCallback(modules=lambda m: children(m)[:2])
-    learn, run = get_runner(model, data, cbs=cbfs() + [telemetry])
-    for _ in range(20):
-        run.fit(1, learn)
-        assert forward_hook_count(model) == 0
-        assert len(telemetry.hooks) == 2 and all(len(h.stats[0]) == 2 for h in telemetry.hooks)
-
-
-def test_telemetry_hooks_removed_when_training_is_cancelled_or_fails():
-    data = image_bunch()
-    class Boom(Callback):
-        def __init__(self, exc): self.exc = exc
-        def after_step(self): raise self.exc
-    for exc in (CancelTrainException(), ValueError('boom')):
-        model = get_cnn_model(data, NFS, conv_layer)
-        learn, run = get_runner(model, data, cbs=cbfs() + [ActivationStatsCallback, partial(Boom, exc)])
-        if isinstance(exc, ValueError):
-            with pytest.raises(ValueError, match='boom'): run.fit(1, learn)
-        else:
-            run.fit(1, learn)
-        assert forward_hook_count(model) == 0
-        assert len(run.activation_stats.hooks[0].stats[0]) == 1
+# The telemetry callback's fits (records, leaves no hooks after 20 fits, a cancel or an error) are tested on this
+# module's ActivationStatsCallback and on 06b's, by the same tests, in tests/test_nb_06b.py.
 
 
 def test_init_cnn_reaches_nested_convolutions_without_bias():

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+import exp.nb_06 as nb_06
+
 from exp.nb_06b import (ActivationStatsCallback, AvgStatsCallback, BatchTransformXCallback, CancelTrainException,
                         Callback, DataBunch, Dataset, DeviceCallback, Hook, Hooks, Recorder, StatsTape, accuracy,
                         append_hist, append_stats, append_stats_and_hist, bincount_histogram, calls_per_step, children,
@@ -112,10 +114,16 @@ def test_get_hist_and_get_min_on_a_known_histogram():
 
 # --- telemetry callback --------------------------------------------------------------------------
 
-def test_activation_stats_callback_records_and_leaves_no_hooks():
+# notebook 06's callback (the lesson's) and this chapter's, by the same tests
+both_telemetry_callbacks = pytest.mark.parametrize('Telemetry', [nb_06.ActivationStatsCallback, ActivationStatsCallback],
+                                                   ids=['nb_06', 'nb_06b'])
+
+
+@both_telemetry_callbacks
+def test_activation_stats_callback_records_and_leaves_no_hooks(Telemetry):
     data = image_bunch(n_train=40, bs=8)  # 5 training steps per epoch
     model = get_cnn_model(data, NFS, conv_layer)
-    learn, run = get_runner(model, data, cbs=cbfs() + [ActivationStatsCallback])
+    learn, run = get_runner(model, data, cbs=cbfs() + [Telemetry])
     run.fit(2, learn)
     hooks = run.activation_stats.hooks
     assert len(hooks) == len(children(model))
@@ -123,10 +131,11 @@ def test_activation_stats_callback_records_and_leaves_no_hooks():
     assert forward_hook_count(model) == 0
 
 
-def test_twenty_fits_with_telemetry_leave_no_hooks_and_no_growing_state():
+@both_telemetry_callbacks
+def test_twenty_fits_with_telemetry_leave_no_hooks_and_no_growing_state(Telemetry):
     data = image_bunch(n_train=16, n_valid=8, bs=8)  # 2 training steps per epoch
     model = get_cnn_model(data, NFS, conv_layer)
-    telemetry = ActivationStatsCallback(modules=lambda m: children(m)[:2])
+    telemetry = Telemetry(modules=lambda m: children(m)[:2])
     learn, run = get_runner(model, data, cbs=cbfs() + [telemetry])
     for _ in range(20):
         run.fit(1, learn)
@@ -134,14 +143,15 @@ def test_twenty_fits_with_telemetry_leave_no_hooks_and_no_growing_state():
         assert len(telemetry.hooks) == 2 and all(len(h.stats[0]) == 2 for h in telemetry.hooks)
 
 
-def test_telemetry_hooks_removed_when_training_is_cancelled_or_fails():
+@both_telemetry_callbacks
+def test_telemetry_hooks_removed_when_training_is_cancelled_or_fails(Telemetry):
     data = image_bunch()
     class Boom(Callback):
         def __init__(self, exc): self.exc = exc
         def after_step(self): raise self.exc
     for exc in (CancelTrainException(), ValueError('boom')):
         model = get_cnn_model(data, NFS, conv_layer)
-        learn, run = get_runner(model, data, cbs=cbfs() + [ActivationStatsCallback, partial(Boom, exc)])
+        learn, run = get_runner(model, data, cbs=cbfs() + [Telemetry, partial(Boom, exc)])
         if isinstance(exc, ValueError):
             with pytest.raises(ValueError, match='boom'): run.fit(1, learn)
         else:
