@@ -8,7 +8,7 @@ Notebook 07's layer-norm cell (the lesson's CNN, conv 8-16-32-64-64 with a Layer
 size 512, SGD at a constant lr) with what differs from the lesson's `conv_ln` varied one at a time: the variance's
 estimator (ours divides by n, as F.layer_norm does; the lesson's `x.var` by n-1), the convolutions' bias (the
 lesson's conv_ln keeps it; without it), and the learning rate; over a few seeds. Short runs: one epoch over the first
-`--n-train` training images (default all 50,000: 98 steps; the divergences seen came at steps 34-42), one torch thread; a run stops at its first NaN or infinite
+`--n-train` training images (default all 50,000: 98 steps; the divergences seen came at steps 34 to 95), one torch thread; a run stops at its first NaN or infinite
 training loss (StopOnNanCallback), which is recorded as the step it diverged at. Every finished run is written at once
 to results/layernorm_ablation.json (runs already there are skipped), and the table to results/layernorm_ablation.md.
 """
