@@ -275,7 +275,7 @@ def explore_telemetry(hooks):
     hooks = check_recorded(hooks)
     if widgets_missing(): plot_layer(hooks); return plt.show()
     import ipywidgets
-    n = max(max(len(hook_stats(h)[0]), len(hook_stats(h)[2])) for h in hooks)
+    n = max(max(len(ms), len(hists)) for ms, _, hists in map(hook_stats, hooks))   # each hook's tapes read once
     def figure(layer, steps):
         fig = plot_layer(hooks, layer, steps)
         plt.close(fig)   # shown where it is displayed, not again at the end of the cell

@@ -126,7 +126,7 @@ def compile_for_training(model, xb, yb, xv, device=None, backend='inductor'):
     device = torch.device(device) if device is not None else default_device()
     model.to(device)   # where it will run, with the inputs (DeviceCallback moves it only at begin_fit, after this)
     if not torch._dynamo.is_dynamo_supported():
-        print(f'torch.compile does not run on this Python or platform: running eager'); return model
+        print('torch.compile does not run on this Python or platform: running eager'); return model
     xb, yb, xv = xb.to(device), yb.to(device), xv.to(device)
     compiled = torch.compile(model, backend=backend)   # no CUDA graphs ('reduce-overhead'): a replay overwrites the norms' state
     try:
